@@ -1,0 +1,1 @@
+"""Sequence mixers and the other building blocks of HybridLM."""

@@ -1,0 +1,1 @@
+"""selective_scan op."""
