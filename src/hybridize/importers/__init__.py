@@ -1,0 +1,9 @@
+"""Build a HybridLM from a local Hugging Face checkpoint directory.
+
+IMPORTERS[model_type](path, raw_config_dict) → HybridLM with the checkpoint's weights;
+CONFIG_CONVERTERS[model_type](raw_config_dict) → the equivalent HybridConfig (no weights).
+"""
+from hybridize.importers.llama import import_llama, llama_config
+
+IMPORTERS: dict = {"llama": import_llama, "mistral": import_llama, "qwen2": import_llama}
+CONFIG_CONVERTERS: dict = {"llama": llama_config, "mistral": llama_config, "qwen2": llama_config}
