@@ -56,7 +56,7 @@ def test_labels_give_loss():
 def test_hf_generate_greedy_matches_manual(family):
     torch.manual_seed(0)
     model = HybridLM(preset(f"{family}-debug")).eval()
-    ids = torch.randint(0, model.cfg.vocab_size, (1, 7))
+    ids = torch.randint(1, model.cfg.vocab_size, (1, 7))   # 0 is the pad id: HF would mask it
     out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     seq = ids
     with torch.no_grad():

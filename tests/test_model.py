@@ -117,5 +117,8 @@ def test_decode_memory_recurrent_is_constant():
     assert a["kv_cache_bytes"] == b["kv_cache_bytes"] == 0
     assert a["recurrent_state_bytes"] == b["recurrent_state_bytes"] > 0
     t = _model("llama")
-    assert t.decode_memory(4096)["kv_cache_bytes"] == 256 * t.decode_memory(16)["kv_cache_bytes"]
+    a = t.cfg.attention
+    per_token = t.cfg.num_layers * 2 * a.num_kv_heads * a.head_dim * 2   # K and V, bf16
+    grown = t.decode_memory(4096)["kv_cache_bytes"] - t.decode_memory(16)["kv_cache_bytes"]
+    assert grown == (4096 - 16) * per_token
     assert hz.HybridLM is HybridLM

@@ -174,6 +174,22 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         # hybridize.generate).
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.refresh_buffers()
+        return model
+
+    def refresh_buffers(self) -> None:
+        """Recompute derived non-persistent buffers (RoPE inverse frequencies). transformers builds the
+        model on the meta device and only fills what the checkpoint holds, so these must be rebuilt."""
+        from hybridize.layers.rotary import RotaryEmbedding, compute_inv_freq
+
+        for m in self.modules():
+            if isinstance(m, RotaryEmbedding):
+                inv_freq, _ = compute_inv_freq(m.rot_dim, m.params, m.max_position_embeddings)
+                m.inv_freq = inv_freq.to(m.inv_freq.device)
+
     # ------------------------------------------------------------------ model
     @property
     def layer_pattern(self) -> list:
