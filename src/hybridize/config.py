@@ -104,6 +104,7 @@ class DiscreteMamba2Config:
     chunk_size: int = 64
     conv_bias: bool = True
     bias: bool = False
+    activation: str = "identity"                # after the conv: "identity" (Phi-Mamba / Llamba) or "silu"
 
 
 @dataclass
