@@ -292,6 +292,8 @@ def preset(name: str, **overrides) -> HybridConfig:
     else:
         raise ConfigError(f"unknown preset family {family!r}; choose llama, hawk, griffin, mamba2, "
                           "mil50, mil25, mil12 or mil0")
+    if size == "1b" and family != "mamba2":
+        cfg.tie_embeddings = True      # as Llama-3.2-1B: 1.24 B parameters for the Transformer
     cfg.name = name
     for k, v in overrides.items():
         if not hasattr(cfg, k):

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hybridize.layers.base import doc_starts
 
 
 def _activate(y: Tensor, activation: Optional[str]) -> Tensor:
@@ -35,6 +34,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     Bsz, L, C = x.shape
     W = weight.shape[-1]
     dtype = x.dtype
+    if L == 0:   # nothing to mix: the state passes through unchanged
+        y = x.new_zeros(Bsz, 0, C)
+        if not return_final_state:
+            return y
+        st = initial_state if initial_state is not None else x.new_zeros(Bsz, C, W - 1)
+        return y, st.clone()
     xf = x.float().transpose(1, 2)  # (B, C, L)
     if initial_state is None:
         prev = xf.new_zeros(Bsz, C, W - 1)
@@ -47,13 +52,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         # mask taps that reach into an earlier document: token t sees tap k (input t-(W-1)+k) only if
         # no document starts in (t-(W-1)+k, t].
         windows = xp.unfold(-1, W, 1).clone()
-        starts = doc_starts(seq_idx)  # (B, L)
         # doc id per padded position; state positions belong to the document at position 0
         sid = torch.cat([seq_idx[:, :1].expand(Bsz, W - 1), seq_idx], dim=1)  # (B, W-1+L)
         sid_w = sid.unfold(-1, W, 1)  # (B, L, W)
         same = sid_w == seq_idx[:, :, None]
         windows = windows * same[:, None, :, :].to(windows.dtype)
-        del starts
     y = (windows * weight.float()[None, :, None, :]).sum(-1)  # (B, C, L)
     if bias is not None:
         y = y + bias.float()[None, :, None]
