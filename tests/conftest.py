@@ -1,7 +1,15 @@
 import os
 
-import pytest
-import torch
+# Triton kernels run on CPU tensors through the interpreter; this must be set before triton is imported.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models are dominated by per-op overhead: one thread per process is faster than two fighting
+# (and pytest-xdist runs one process per core).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
