@@ -10,4 +10,6 @@ from hybridize.model import HybridCache, HybridLM  # noqa: F401
 
 register_auto_classes()
 
+from hybridize.generate import generate  # noqa: E402,F401  (the function; shadows the subpackage name)
+
 __version__ = "0.1.0"

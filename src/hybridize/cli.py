@@ -125,7 +125,17 @@ def add_info_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------------------- main
-PARSERS = [add_info_parser]
+def _lazy(module: str, name: str):
+    def add(sub):
+        import importlib
+        getattr(importlib.import_module(module), name)(sub)
+    return add
+
+
+PARSERS = [
+    add_info_parser,
+    _lazy("hybridize.commands_generate", "add_generate_parser"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -198,9 +198,10 @@ class HybridLM(PreTrainedModel, GenerationMixin):
     def embed(self, input_ids: Tensor) -> Tensor:
         h = self.embed_tokens(input_ids)
         if self.cfg.embedding_scale is not None:
-            scale = torch.tensor(self.cfg.embedding_scale, dtype=h.dtype if self.cfg.embedding_scale_in_dtype
-                                 else torch.float32)
-            h = h * scale.to(h.device)
+            scale = self.cfg.embedding_scale
+            if self.cfg.embedding_scale_in_dtype:   # round the scale to the activation dtype (as Gemma does)
+                scale = float(torch.tensor(scale, dtype=h.dtype))
+            h = h * scale                              # a Python scalar: no host→device copy (CUDA graphs)
         return h
 
     def head(self, h: Tensor) -> Tensor:

@@ -1,0 +1,324 @@
+"""Decode throughput of hybridize's engine (CUDA graphs) for a ~1B Llama-style Transformer and its
+Mamba-2 hybrids, vs transformers' `generate` on an equivalent `LlamaForCausalLM` (static cache, SDPA),
+vs the HBM floor; plus the cost of verifying K tokens (speculative decoding) relative to one step.
+
+    PYTHONPATH=src python benchmarks/gpu_decode.py --json-out results.json          # H100, ~6 min
+    PYTHONPATH=src python benchmarks/gpu_decode.py --quick --json-out /tmp/q.json    # CPU smoke test
+
+Random weights, bf16, greedy. The context is filled by prefilling random tokens (hybridize's chunked
+prefill; HF's own prefill); decode latency excludes it:
+* hybridize: `GenerationStats.decode_s / steps` (one host sync at the end, graph replay per token).
+* HF: (t(generate N+1 tokens) − t(generate 1 token)) / N, both with the same prompt; the compile that
+  HF's generate would trigger for a static cache is disabled unless --hf-compile.
+* HBM floor per step: bytes that must move ÷ --hbm-bw (3.35e12 B/s, H100 SXM): all weights except the
+  embedding table (B rows of it; tied heads read it whole), the KV cache at the mean context of the
+  decode, and the recurrent states read and written back (fp32).
+Results are written to --json-out after every measurement (a partial run keeps what it measured); a
+--budget-s guard skips what would not fit in the time budget.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import hybridize as hz
+from hybridize.generate import commit_, generate, verify_forward
+from hybridize.generate.cache_ops import alloc_cache, restore_positions_, save_positions
+from hybridize.generate.engine import StepRunner, prefill_
+from hybridize.model import HybridCache, HybridLM
+
+T_START = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T_START
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timed(fn, device, reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of fn() (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            ts.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(ts)
+
+
+def build_model(name: str, device, dtype) -> HybridLM:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = HybridLM(hz.preset(name))
+    return model.to(dtype=dtype).eval()
+
+
+def step_bytes(model: HybridLM, batch: int, context: float, kv_dtype) -> dict:
+    """HBM bytes one decode step must move (see the module docstring)."""
+    emb = model.embed_tokens.weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.cfg.tie_embeddings:      # untied: the input table is only gathered (B rows)
+        weights -= emb.numel() * emb.element_size() - batch * emb.shape[1] * emb.element_size()
+    mem = model.decode_memory(max(int(context), 1), dtype=kv_dtype)
+    kv = batch * mem["kv_cache_bytes"]
+    rec = 2 * batch * mem["recurrent_state_bytes"]          # read + write back
+    return {"weights": weights, "kv_cache": kv, "recurrent_state_rw": rec, "total": weights + kv + rec}
+
+
+# ---------------------------------------------------------------------------- hybridize decode
+def bench_hybridize(model, name, batch, context, args, device) -> dict:
+    V = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(batch * 100003 + context)
+    prompts = torch.randint(0, V, (batch, context + 1), generator=g).tolist()
+    res = generate(model, prompts, max_new_tokens=args.new_tokens, use_cuda_graph="auto",
+                   prefill_chunk=args.prefill_chunk)
+    s = res.stats
+    ms = 1e3 * s.decode_s / s.steps
+    by = step_bytes(model, batch, context + args.new_tokens / 2, torch.bfloat16)
+    floor_ms = 1e3 * by["total"] / args.hbm_bw
+    return {"model": name, "batch": batch, "context": context, "new_tokens": s.steps,
+            "ms_per_token": ms, "tokens_per_s": batch * s.steps / s.decode_s, "prefill_s": s.prefill_s,
+            "cuda_graph": s.cuda_graph, "hbm_floor_ms": floor_ms, "hbm_floor_tokens_per_s": 1e3 * batch / floor_ms,
+            "fraction_of_hbm_floor": floor_ms / ms, "bytes_per_step": by}
+
+
+# ---------------------------------------------------------------------------- transformers baseline
+def hf_llama(model: HybridLM, device, dtype):
+    """An equivalent `LlamaForCausalLM` (same shapes; its own random weights), SDPA attention."""
+    import transformers
+
+    c = model.cfg
+    a = c.attention
+    cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.mlp.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads,
+        head_dim=a.head_dim or c.hidden_size // a.num_heads, rms_norm_eps=c.norm_eps,
+        tie_word_embeddings=c.tie_embeddings, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta}, attn_implementation="sdpa",
+        pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref = transformers.LlamaForCausalLM(cfg)
+    return ref.to(dtype=dtype).eval()
+
+
+def bench_hf(ref, batch, context, args, device) -> dict:
+    from transformers import GenerationConfig
+
+    V = ref.config.vocab_size
+    g = torch.Generator().manual_seed(batch * 100003 + context)
+    ids = torch.randint(0, V, (batch, context + 1), generator=g).to(device)
+    extra = {}
+    if "prefill_chunk_size" in GenerationConfig().__dict__ and context > args.prefill_chunk:
+        extra["prefill_chunk_size"] = args.prefill_chunk
+
+    def run(n, x=ids):
+        sync(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, cache_implementation="static", disable_compile=not args.hf_compile,
+                               pad_token_id=0, **extra)
+        sync(device)
+        assert out.shape[1] == x.shape[1] + n
+        return time.perf_counter() - t
+
+    run(2, ids[:, :2])                         # warm-up (allocator, cuBLAS; compile when enabled)
+    t1, tn = run(1), run(args.new_tokens + 1)
+    ms = 1e3 * (tn - t1) / args.new_tokens
+    return {"model": "transformers.LlamaForCausalLM", "batch": batch, "context": context,
+            "new_tokens": args.new_tokens, "ms_per_token": ms, "tokens_per_s": 1e3 * batch / ms,
+            "mode": f"generate, static cache, sdpa, {'torch.compile' if args.hf_compile else 'eager'}"}
+
+
+# ---------------------------------------------------------------------------- verification cost
+def bench_verify(model, name, batch, context, args, device) -> list:
+    """Time to verify K tokens (target forward over K tokens with the cache, + rollback) vs one step."""
+    V, Kmax = model.cfg.vocab_size, max(args.verify_ks)
+    cache = alloc_cache(model, batch, context + Kmax + args.verify_reps * 4 + 16, window_slack=Kmax + 1,
+                        device=device)
+    runner = StepRunner(model, cache, batch, "auto")          # captured on the empty cache
+    g = torch.Generator().manual_seed(7)
+    prefill_(model, cache, torch.randint(0, V, (batch, context), generator=g).tolist(),
+             prefill_chunk=args.prefill_chunk)
+    saved = save_positions(cache)
+    tok = torch.randint(0, V, (batch,), generator=g).to(device)
+
+    def steps(fn):
+        def run():
+            fn(tok)
+        ms = timed(run, device, args.verify_reps)
+        restore_positions_(cache, saved)     # the steps advanced every row; put them back
+        return ms
+
+    step_graph = steps(runner) if runner.graph is not None else None
+    step_eager = steps(lambda t: model.step(t, cache))
+    def verify(ids, n=None):
+        # forward reassigns state tensors (never writes in place): a shallow copy leaves `cache` intact
+        c = HybridCache([dataclasses.replace(s) for s in cache.states])
+        _, ctx = verify_forward(model, ids, c)
+        if n is not None:
+            commit_(model, c, ctx, n, n.tolist())
+
+    rows = []
+    for K in args.verify_ks:
+        ids = torch.randint(0, V, (batch, K), generator=g).to(device)
+        full, one = torch.full((batch,), K, device=device), torch.ones(batch, dtype=torch.long, device=device)
+        v = timed(functools.partial(verify, ids), device, args.verify_reps)
+        vf = timed(functools.partial(verify, ids, full), device, args.verify_reps)
+        vp = timed(functools.partial(verify, ids, one), device, args.verify_reps)
+        ref = step_graph or step_eager
+        rows.append({"model": name, "batch": batch, "context": context, "K": K, "verify_ms": v,
+                     "verify_commit_all_accepted_ms": vf, "verify_commit_one_accepted_ms": vp,
+                     "step_graph_ms": step_graph, "step_eager_ms": step_eager,
+                     "verify_over_step": v / ref, "verify_over_eager_step": v / step_eager,
+                     "verify_commit_worst_over_step": vp / ref})
+    return rows
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="llama-1b,mil50-1b,mil0-1b,mil25-1b,mil12-1b")
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--contexts", default="0,4096,8192")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--verify-model", default="mil50-1b")
+    p.add_argument("--verify-ks", default="1,2,3,4,5,6,7,8")
+    p.add_argument("--verify-batches", default="1,8")
+    p.add_argument("--verify-contexts", default="0,4096")
+    p.add_argument("--verify-reps", type=int, default=10)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--hf-compile", action="store_true", help="let HF's generate torch.compile the static-cache "
+                   "forward (compiles once per batch/context: slow)")
+    p.add_argument("--hbm-bw", type=float, default=3.35e12, help="HBM bytes/s for the floor (H100 SXM)")
+    p.add_argument("--mem-fraction", type=float, default=0.8, help="skip configs whose KV/state estimate "
+                   "exceeds this fraction of free GPU memory")
+    p.add_argument("--budget-s", type=float, default=450.0, help="skip remaining configs past this time")
+    p.add_argument("--quick", action="store_true", help="tiny presets and sizes (CPU smoke test)")
+    p.add_argument("--json-out", default="gpu_decode.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.verify_model = "llama-debug,mil50-debug", "mil50-debug"
+        args.batches, args.contexts, args.new_tokens = "1,2", "0,40", 8
+        args.verify_ks, args.verify_batches, args.verify_contexts, args.verify_reps = "1,2,3", "1", "0,24", 3
+    models = args.models.split(",")
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+    args.verify_ks = [int(x) for x in args.verify_ks.split(",")]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    import transformers
+
+    report = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else platform.processor() or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+              "dtype": str(dtype), "hbm_bytes_per_s": args.hbm_bw, "new_tokens": args.new_tokens,
+              "decode": [], "hf_generate": [], "verify": [], "skipped": [], "errors": []}
+    out = Path(args.json_out)
+
+    def save():
+        report["total_s"] = elapsed()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+
+    def attempt(what: dict, need_bytes: int, fn, *fn_args):
+        """fn(*fn_args), unless out of time or memory; errors are recorded, not raised."""
+        if elapsed() > args.budget_s:
+            report["skipped"].append({**what, "why": "time budget"})
+            return None
+        if device.type == "cuda" and need_bytes:
+            free = torch.cuda.mem_get_info(device)[0]
+            if need_bytes > args.mem_fraction * free:
+                report["skipped"].append({**what, "why": f"memory: needs ~{need_bytes / 2**30:.1f} GiB, "
+                                                         f"{free / 2**30:.1f} GiB free"})
+                return None
+        try:
+            return fn(*fn_args)
+        except torch.cuda.OutOfMemoryError as e:
+            report["errors"].append({**what, "error": f"OOM: {str(e)[:200]}"})
+        except Exception as e:  # noqa: BLE001 — record and go on: a partial report beats none
+            report["errors"].append({**what, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        finally:
+            free_memory(device)
+        return None
+
+    def line(r):
+        print(f"[{elapsed():6.1f}s] {r['model']:>30} B={r['batch']:<3} ctx={r['context']:<5} "
+              f"{r['ms_per_token']:7.2f} ms/token {r['tokens_per_s']:9.1f} tok/s"
+              + (f"  (HBM floor {r['hbm_floor_ms']:.2f} ms, {100 * r['fraction_of_hbm_floor']:.0f} %)"
+                 if "hbm_floor_ms" in r else ""), flush=True)
+
+    for name in models:
+        model = build_model(name, device, dtype)
+        # warm-up: Triton compilation, cuBLAS handles, graph pools
+        generate(model, [[1, 2, 3]], max_new_tokens=4)
+        ref = None
+        if name.startswith("llama") and not args.no_hf:
+            ref = attempt({"model": "hf", "stage": "build"}, 0, hf_llama, model, device, dtype)
+        for ctx in contexts:
+            for B in batches:
+                need = B * model.decode_memory(ctx + args.new_tokens + 1, dtype=torch.bfloat16)["total_bytes"]
+                need = int(need * 1.2)        # + the prefill scratch rows
+                what = {"model": name, "batch": B, "context": ctx}
+                r = attempt(what, need, bench_hybridize, model, name, B, ctx, args, device)
+                if r:
+                    report["decode"].append(r)
+                    line(r)
+                if ref is not None:
+                    r = attempt({**what, "model": "hf"}, need, bench_hf, ref, B, ctx, args, device)
+                    if r:
+                        report["hf_generate"].append(r)
+                        line(r)
+                save()
+        ref = None
+        if name == args.verify_model:
+            for ctx in [int(x) for x in args.verify_contexts.split(",")]:
+                for B in [int(x) for x in args.verify_batches.split(",")]:
+                    rows = attempt({"model": name, "stage": "verify", "batch": B, "context": ctx}, 0,
+                                   bench_verify, model, name, B, ctx, args, device)
+                    for r in rows or []:
+                        report["verify"].append(r)
+                        print(f"[{elapsed():6.1f}s] verify {name} B={B} ctx={ctx} K={r['K']}: "
+                              f"{r['verify_ms']:.2f} ms = {r['verify_over_step']:.2f} steps "
+                              f"(commit worst {r['verify_commit_one_accepted_ms']:.2f} ms)", flush=True)
+                    save()
+        model = None
+        free_memory(device)
+    save()
+    print(f"wrote {out} in {elapsed():.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
