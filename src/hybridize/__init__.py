@@ -10,6 +10,7 @@ from hybridize.model import HybridCache, HybridLM  # noqa: F401
 
 register_auto_classes()
 
+from hybridize.convert import convert  # noqa: E402,F401
 from hybridize.generate import generate  # noqa: E402,F401  (the function; shadows the subpackage name)
 
 __version__ = "0.1.0"

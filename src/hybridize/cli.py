@@ -132,8 +132,15 @@ def _lazy(module: str, name: str):
     return add
 
 
+def _train_commands(sub):
+    from hybridize.commands_train import COMMANDS
+    for add in COMMANDS:
+        add(sub)
+
+
 PARSERS = [
     add_info_parser,
+    _train_commands,
     _lazy("hybridize.commands_generate", "add_generate_parser"),
 ]
 
