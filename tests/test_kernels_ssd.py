@@ -119,8 +119,11 @@ def test_everything_at_once():
            dt_softplus=True, dt_limit=(0.3, 1.5))
 
 
-def test_log_decay_mode():
-    """Discrete Mamba-2: dt = 1, A = None, per-step log decay; per-head D, z, documents, initial state."""
+def test_log_decay_mode(monkeypatch):
+    """Discrete Mamba-2: dt = 1, A = None, per-step log decay; per-head D, z, documents, initial state;
+    all three heads in one program of both backward chunk kernels."""
+    monkeypatch.setitem(kern.TUNE, "dx_heads", 3)
+    monkeypatch.setitem(kern.TUNE, "bwd_heads", 3)
     _check(2, 17, 3, 1, 8, 8, init=True, seq=[1, 16], D="h", z=True, log_decay=True)
 
 
@@ -135,13 +138,28 @@ def test_single_token_with_state():
 
 
 def test_blocked_state_and_split_heads(monkeypatch):
-    """Several P/N blocks in the state kernels (masked tails) and one head per backward program (the
-    dB/dC partial sums over head splits)."""
+    """Several P/N blocks in the state kernels (masked tails), one head per backward program (for dB/dC:
+    the partial sums over head splits) and several N blocks in the dB/dC kernel."""
     monkeypatch.setitem(kern.TUNE, "state_bp", 16)
     monkeypatch.setitem(kern.TUNE, "state_bn", 16)
+    monkeypatch.setitem(kern.TUNE, "state_segments", 1)
     monkeypatch.setitem(kern.TUNE, "out_bp", 16)
+    monkeypatch.setitem(kern.TUNE, "dx_heads", 1)
     monkeypatch.setitem(kern.TUNE, "bwd_heads", 1)
+    monkeypatch.setitem(kern.TUNE, "bwd_bn", 16)
     _check(1, 33, 4, 1, 24, 20, init=True, seq=[7], z=True, dt_softplus=True)
+
+
+@pytest.mark.parametrize("segments", [2, 3])
+def test_segmented_state_walks(monkeypatch, segments):
+    """State walks cut into segments (end states in parallel, then the walks with folded-in entering
+    states), forward and reverse: documents starting inside a segment, at a segment boundary (token
+    48 = chunk 3) and inside the last chunk, initial and final states; a segment count that does not
+    divide the chunk count."""
+    monkeypatch.setitem(kern.TUNE, "state_segments", segments)
+    monkeypatch.setitem(kern.TUNE, "dx_heads", 2)
+    monkeypatch.setitem(kern.TUNE, "bwd_heads", 2)
+    _check(2, 100, 4, 2, 8, 16, init=True, seq=[20, 48, 99], D="h", z=True, bias=True, dt_softplus=True)
 
 
 def test_large_chunk_hint_is_clamped():
@@ -198,6 +216,23 @@ def test_dispatch(monkeypatch):
     assert calls == [1]
     torch.testing.assert_close(y1, y2, atol=1e-4, rtol=1e-4)
     assert ssd_ops.ssd_chunked_reference is ref.ssd_chunked
+
+
+def test_custom_op_path_matches_eager():
+    """The custom ops (what torch.compile captures) and the eager autograd.Function that
+    ssd_chunked_triton uses outside compilation give the same outputs and gradients — also when only
+    the final state is in the loss (no output gradient)."""
+    t = _make(1, 20, 2, 1, 8, 8, init=True, D="h", z=True, bias=True)
+    names = ["x", "dt", "A", "Bm", "Cm", "D", "z", "dt_bias", "initial_state"]
+    args = tuple(t[k] for k in names) + (None, None, 16, True, 0.0, float("inf"))
+    for use_y in (True, False):
+        outs = []
+        for fn in (torch.ops.hybridize.ssd_chunked_fwd, kern._SSDEager.apply):
+            y, fin = fn(*args)
+            loss = (fin * 0.5).sum() + ((y ** 2).sum() if use_y else 0.0)
+            outs.append([y, fin, *torch.autograd.grad(loss, [t[k] for k in names])])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b)
 
 
 def test_opcheck():

@@ -142,6 +142,7 @@ PARSERS = [
     add_info_parser,
     _train_commands,
     _lazy("hybridize.commands_generate", "add_generate_parser"),
+    _lazy("hybridize.commands_eval", "add_eval_parser"),
 ]
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
 
 from hybridize.api import CheckpointError
 
@@ -58,8 +58,8 @@ def load_mapped(model: torch.nn.Module, source: dict, rename: Callable[[str], Op
         if tgt is None:
             continue
         if tgt not in target_sd:
-            raise CheckpointError(f"{source_name}: tensor {name!r} maps to {tgt!r}, which this model does not "
-                                  "have — the config and the weights disagree")
+            raise CheckpointError(f"{source_name}: tensor {name!r} maps to {tgt!r}, which this model does "
+                                  "not have — the config and the weights disagree")
         if tgt in transforms:
             t = transforms[tgt](t)
         if tuple(t.shape) != tuple(target_sd[tgt].shape):
@@ -86,3 +86,26 @@ def as_tensor_dtype(raw: dict):
 
 
 
+
+
+def rename_by_rules(rules: list, name: str, family: str, drop_suffixes: tuple = ()) -> Optional[str]:
+    """Map a checkpoint tensor name through (regex, replacement) rules; None drops it."""
+    if drop_suffixes and name.endswith(drop_suffixes):
+        return None
+    for pat, rep in rules:
+        if re.match(pat, name):
+            return re.sub(pat, rep, name)
+    raise CheckpointError(f"unexpected tensor {name!r} in a {family} checkpoint")
+
+
+def build_and_load(cfg, path: Path, rules: list, family: str, drop_suffixes: tuple = ()):
+    """HybridLM(cfg) filled from the checkpoint at `path` through `rules` (tied head optional)."""
+    from hybridize.model import HybridLM
+
+    model = HybridLM(cfg)
+    optional = ("lm_head.weight",) if cfg.tie_embeddings else ()
+    load_mapped(model, read_state_dict(path), lambda n: rename_by_rules(rules, n, family, drop_suffixes),
+                optional_targets=optional, source_name=str(path))
+    if cfg.tie_embeddings:
+        model.tie_weights()
+    return model.eval()

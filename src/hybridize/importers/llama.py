@@ -2,13 +2,10 @@
 with every layer an attention layer: the teacher for conversion."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Optional
-
 from hybridize.api import CheckpointError
 from hybridize.config import AttentionConfig, HybridConfig, MLPConfig
-from hybridize.importers.common import load_mapped, read_state_dict
+from hybridize.importers.common import build_and_load
 
 _ACT = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
         "gelu": "gelu"}
@@ -86,23 +83,6 @@ _RENAMES = [
 ]
 
 
-def _rename(name: str) -> Optional[str]:
-    if name.endswith("rotary_emb.inv_freq"):
-        return None
-    for pat, rep in _RENAMES:
-        if re.match(pat, name):
-            return re.sub(pat, rep, name)
-    raise CheckpointError(f"unexpected tensor {name!r} in a Llama-family checkpoint")
-
-
 def import_llama(path: Path, raw: dict):
-    from hybridize.model import HybridLM
-
-    cfg = llama_config(raw)
-    model = HybridLM(cfg)
-    sd = read_state_dict(path)
-    optional = ("lm_head.weight",) if cfg.tie_embeddings else ()
-    load_mapped(model, sd, _rename, optional_targets=optional, source_name=str(path))
-    if cfg.tie_embeddings:
-        model.tie_weights()
-    return model.eval()
+    return build_and_load(llama_config(raw), path, _RENAMES, "Llama-family",
+                          drop_suffixes=("rotary_emb.inv_freq",))

@@ -1,13 +1,10 @@
 """Mamba-2 (HF `Mamba2ForCausalLM`) → HybridLM with mamba2 layers and no MLPs."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Optional
-
 from hybridize.api import CheckpointError
 from hybridize.config import HybridConfig, Mamba2Config, MLPConfig
-from hybridize.importers.common import load_mapped, read_state_dict
+from hybridize.importers.common import build_and_load
 
 
 def _json_float(v) -> float:
@@ -57,20 +54,5 @@ _RENAMES = [
 ]
 
 
-def _rename(name: str) -> Optional[str]:
-    for pat, rep in _RENAMES:
-        if re.match(pat, name):
-            return re.sub(pat, rep, name)
-    raise CheckpointError(f"unexpected tensor {name!r} in a Mamba2 checkpoint")
-
-
 def import_mamba2(path: Path, raw: dict):
-    from hybridize.model import HybridLM
-
-    cfg = mamba2_config(raw)
-    model = HybridLM(cfg)
-    optional = ("lm_head.weight",) if cfg.tie_embeddings else ()
-    load_mapped(model, read_state_dict(path), _rename, optional_targets=optional, source_name=str(path))
-    if cfg.tie_embeddings:
-        model.tie_weights()
-    return model.eval()
+    return build_and_load(mamba2_config(raw), path, _RENAMES, "Mamba2")

@@ -7,15 +7,12 @@ attends to everything). Parity is therefore tested on sequences within the windo
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
-from typing import Optional
-
 import torch
 
 from hybridize.api import CheckpointError
 from hybridize.config import AttentionConfig, HybridConfig, MLPConfig, RGLRUConfig
-from hybridize.importers.common import load_mapped, read_state_dict
+from hybridize.importers.common import build_and_load
 from hybridize.importers.llama import rope_settings
 
 
@@ -68,22 +65,6 @@ _RENAMES = [
 ]
 
 
-def _rename(name: str) -> Optional[str]:
-    if name.endswith("inv_freq") or name.endswith("normalizer"):
-        return None
-    for pat, rep in _RENAMES:
-        if re.match(pat, name):
-            return re.sub(pat, rep, name)
-    raise CheckpointError(f"unexpected tensor {name!r} in a RecurrentGemma checkpoint")
-
-
 def import_recurrent_gemma(path: Path, raw: dict):
-    from hybridize.model import HybridLM
-
-    cfg = recurrent_gemma_config(raw)
-    model = HybridLM(cfg)
-    optional = ("lm_head.weight",) if cfg.tie_embeddings else ()
-    load_mapped(model, read_state_dict(path), _rename, optional_targets=optional, source_name=str(path))
-    if cfg.tie_embeddings:
-        model.tie_weights()
-    return model.eval()
+    return build_and_load(recurrent_gemma_config(raw), path, _RENAMES, "RecurrentGemma",
+                          drop_suffixes=("inv_freq", "normalizer"))

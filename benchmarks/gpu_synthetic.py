@@ -1,0 +1,337 @@
+"""Synthetic-task benchmark (GPU, ≤ 8 minutes): reproduces qualitatively
+
+  (a) MQAR (Zoology): attention solves it at every width; Mamba-2 beats Mamba-1 and improves with its
+      state size N (16 → 64 → 256);
+  (b) selective copying (Griffin §6.2, Fig. 6a): Griffin learns to copy about as fast as a Transformer,
+      Hawk more slowly;
+  (c) induction heads (Griffin Fig. 6b): trained short, recurrent models (Hawk, Griffin) extrapolate to
+      longer sequences, a Transformer does not.
+
+Tiny 2-layer models (mixer-only blocks by default, --mlp-mult to add MLPs) trained with
+`hybridize.eval.sweep.train_cell` (the Trainer; bf16 autocast on CUDA), the same settings for every mixer.
+Every cell records its wall time; a global --time-budget skips the remaining cells (reported as skipped)
+so one command never runs past the device limit.
+
+    python benchmarks/gpu_synthetic.py --json-out $OUT/synthetic.json --plot-out $OUT/synthetic.png
+    python benchmarks/gpu_synthetic.py --quick --device cpu        # a one-minute smoke run of the script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hybridize.eval.sweep import best_cells, train_cell
+
+
+def _settings(quick: bool) -> dict:
+    if quick:   # CPU smoke: every code path, nothing meaningful
+        return {
+            "mqar": dict(seq_len=32, kv=2, vocab=64, widths=[32], steps=4, batch=8, lrs=[3e-3],
+                         mixers=["attention", "mamba2:16", "mamba2:64", "mamba1"]),
+            "copy": dict(seq_len=24, tokens=4, steps=4, batch=8, lr=3e-3, width=32, window=8, every=2,
+                         mixers=["attention", "rglru", "griffin"]),
+            "induction": dict(seq_len=16, eval_lengths=[16, 32, 64], steps=4, batch=8, lr=3e-3, width=32,
+                              window=8, mixers=["attention", "rglru", "griffin"]),
+            "eval_examples": 16,
+        }
+    return {
+        # Zoology-style MQAR at (L, kv) = (128, 16) (twice the standard grid's density), vocab 8192
+        "mqar": dict(seq_len=128, kv=16, vocab=8192, widths=[64, 128], steps=1000, batch=128,
+                     lrs=[3e-3, 1e-2],
+                     mixers=["attention", "mamba2:16", "mamba2:64", "mamba2:256", "mamba1"]),
+        # selective copying: 8 data tokens among 128 positions, vocab 16; Griffin's local window 32
+        "copy": dict(seq_len=128, tokens=8, steps=1500, batch=128, lr=3e-3, width=128, window=32, every=100,
+                     mixers=["attention", "rglru", "griffin"]),
+        # induction heads: train at 128, evaluate up to 16×; Griffin's local window 64
+        "induction": dict(seq_len=128, eval_lengths=[128, 256, 512, 1024, 2048], steps=1200, batch=128,
+                          lr=3e-3, width=128, window=64, mixers=["attention", "rglru", "griffin"]),
+        "eval_examples": 256,
+    }
+
+
+# ---------------------------------------------------------------------------- faster references
+def rglru_scan_chunked(x, a, *, initial_state=None, reset=None, return_final_state=True, chunk_size=32):
+    """`hybridize.ops.rglru.rglru_scan` (h_t = a_t h_{t-1} + x_t, h_{t-1} := 0 at a reset), computed a chunk
+    at a time: h_t = Σ_{s≤t, same segment} exp(Σ_{s<k≤t} log a_k) x_s + exp(Σ_{k≤t} log a_k) h_prev. The
+    exponents are never positive (no overflow); a few large ops per chunk instead of ~4 kernels per token.
+    x, a: (B, L, C) → h (B, L, C) [, final (B, C) fp32]."""
+    Bsz, L, C = x.shape
+    xf, la = x.float(), torch.log(a.float().clamp_min(1e-30))
+    h = x.new_zeros(Bsz, C, dtype=torch.float32) if initial_state is None else initial_state.float()
+    seg = reset.long().cumsum(1) if reset is not None else None       # segment id of every token
+    outs = []
+    for s0 in range(0, L, chunk_size):
+        s1 = min(s0 + chunk_size, L)
+        T = s1 - s0
+        cum = la[:, s0:s1].cumsum(1)                                    # (B, T, C)
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(Bsz, T, T)
+        carry_ok = None
+        if seg is not None:
+            sg = seg[:, s0:s1]
+            mask = mask & (sg[:, :, None] == sg[:, None, :])
+            prev = seg[:, s0 - 1] if s0 > 0 else torch.zeros_like(seg[:, 0])
+            carry_ok = sg == prev[:, None]
+        w = torch.exp((cum[:, :, None] - cum[:, None, :]).masked_fill(~mask[..., None], float("-inf")))
+        carry = torch.exp(cum) * h[:, None]                            # the state before the chunk
+        if carry_ok is not None:
+            carry = carry * carry_ok[..., None]
+        y = torch.einsum("btsc,bsc->btc", w, xf[:, s0:s1]) + carry
+        h = y[:, -1]
+        outs.append(y)
+    y = torch.cat(outs, 1).to(x.dtype) if L else x.new_zeros(Bsz, 0, C)
+    return (y, h) if return_final_state else y
+
+
+def use_fast_scans(device: str) -> dict:
+    """Where the Triton kernels cannot run (CPU, no triton, HYBRIDIZE_KERNELS=0) the RG-LRU and Mamba-1 layers
+    fall back to sequential fp32 reference scans (a Python loop over tokens). Swap in chunked references with
+    the same contract — checked here against the sequential ones (values and gradients) — so the recurrent
+    models train in seconds, not minutes. On CUDA with triton the layers' own dispatch (kernels) is kept."""
+    import os
+
+    import hybridize.layers.mamba1 as m1
+    import hybridize.layers.rglru as rg
+    from hybridize.ops._dispatch import triton_available
+    from hybridize.ops.rglru.reference import rglru_scan as rglru_ref
+    from hybridize.ops.selective_scan.reference import selective_scan_chunked
+
+    off = os.environ.get("HYBRIDIZE_KERNELS", "auto").lower() in ("0", "off", "false", "reference")
+    if device.startswith("cuda") and triton_available() and not off:
+        return {"scans": "layer dispatch (Triton kernels where supported)"}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, 45, 8, generator=g).to(device).requires_grad_()
+    a = (torch.rand(2, 45, 8, generator=g) * 0.6 + 0.4).to(device).requires_grad_()
+    reset = (torch.rand(2, 45, generator=g) < 0.1).to(device)
+    y1, f1 = rglru_ref(x, a, reset=reset)
+    y2, f2 = rglru_scan_chunked(x, a, reset=reset, chunk_size=16)
+    g1 = torch.autograd.grad((y1 * y1).sum(), (x, a))
+    g2 = torch.autograd.grad((y2 * y2).sum(), (x, a))
+    assert torch.allclose(y1, y2, atol=1e-4) and torch.allclose(f1, f2, atol=1e-4)
+    assert all(torch.allclose(p, q, atol=1e-3, rtol=1e-3) for p, q in zip(g1, g2))
+    rg.rglru_scan = rglru_scan_chunked
+    m1.selective_scan = selective_scan_chunked
+    return {"scans": "chunked references (benchmark): rglru_scan_chunked, selective_scan_chunked"}
+
+
+LABEL = {"attention": "Transformer (MHA)", "rglru": "Hawk (RG-LRU)",
+         "griffin": "Griffin (RG-LRU + local MQA)"}
+
+
+#: shares of --time-budget per experiment; time one leaves unused passes to the next
+SHARES = {"mqar": 0.5, "copy": 0.27, "induction": 0.23}
+
+
+class Budget:
+    """Stops starting new cells of an experiment once its share of the time budget is spent."""
+
+    def __init__(self, seconds: float):
+        self.t0, self.seconds, self.deadline = time.perf_counter(), seconds, time.perf_counter()
+
+    def start(self, experiment: str) -> None:
+        share = SHARES[experiment] * self.seconds
+        self.deadline = max(self.deadline, time.perf_counter()) + share
+
+    def left(self) -> float:
+        return min(self.deadline, self.t0 + self.seconds) - time.perf_counter()
+
+
+def _run(budget: Budget, skipped: list, name: str, **kw):
+    if budget.left() <= 0:
+        skipped.append(name)
+        print(f"  skip {name}: time budget spent", flush=True)
+        return None
+    t = time.perf_counter()
+    r = train_cell(**kw)
+    if not kw.get("eval_every"):
+        r.pop("history", None)
+    loss = "-" if r["loss"] is None else f"{r['loss']:.3f}"
+    print(f"  {name:<44} acc {r['accuracy']:.3f}  loss {loss}  {time.perf_counter() - t:6.1f}s", flush=True)
+    return r
+
+
+def run(args) -> dict:
+    S = _settings(args.quick)
+    for exp in ("mqar", "copy", "induction"):
+        S[exp]["steps"] = max(1, int(round(S[exp]["steps"] * args.steps_scale)))
+    if args.mqar_lrs:
+        S["mqar"]["lrs"] = args.mqar_lrs
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    common = dict(device=dev, dtype=args.dtype, seed=args.seed, eval_examples=S["eval_examples"],
+                  mlp_mult=args.mlp_mult)
+    budget, skipped = Budget(args.time_budget), []
+    out = {"device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "settings": S, "command": " ".join(sys.argv)}
+    out["scans"] = use_fast_scans(dev) if not args.reference_scans else "sequential references"
+    print(f"scans: {out['scans']}", flush=True)
+
+    # (a) MQAR ---------------------------------------------------------------------------------
+    m = S["mqar"]
+    print(f"(a) MQAR L={m['seq_len']} kv={m['kv']} V={m['vocab']}", flush=True)
+    budget.start("mqar")
+    runs = []
+    for lr in m["lrs"]:                 # lrs outermost: a tight budget drops a second lr, not a mixer
+        for w in m["widths"]:
+            for mixer in m["mixers"]:
+                r = _run(budget, skipped, f"mqar {mixer} d={w} lr={lr:g}", task="mqar", mixer=mixer, width=w,
+                         seq_len=m["seq_len"], lr=lr, steps=m["steps"], batch_size=m["batch"],
+                         task_kwargs=dict(num_kv_pairs=m["kv"], vocab_size=m["vocab"]), **common)
+                if r:
+                    runs.append(r)
+    out["mqar_all"] = runs
+    out["mqar"] = best_cells(runs)
+
+    # (b) selective copying: learning curves ------------------------------------------------------
+    c = S["copy"]
+    print(f"(b) selective copying L={c['seq_len']} tokens={c['tokens']}", flush=True)
+    out["copy"] = {}
+    budget.start("copy")
+    for mixer in c["mixers"]:
+        r = _run(budget, skipped, f"copy {mixer}", task="selective_copying", mixer=mixer, width=c["width"],
+                 seq_len=c["seq_len"], lr=c["lr"], steps=c["steps"], batch_size=c["batch"],
+                 task_kwargs=dict(num_data_tokens=c["tokens"]), eval_every=c["every"], window=c["window"],
+                 **common)
+        if r:
+            out["copy"][mixer] = r
+
+    # (c) induction heads: length extrapolation ---------------------------------------------------
+    i = S["induction"]
+    print(f"(c) induction heads, trained at {i['seq_len']}, evaluated at {i['eval_lengths']}", flush=True)
+    out["induction"] = {}
+    budget.start("induction")
+    for mixer in i["mixers"]:
+        r = _run(budget, skipped, f"induction {mixer}", task="induction_heads", mixer=mixer, width=i["width"],
+                 seq_len=i["seq_len"], lr=i["lr"], steps=i["steps"], batch_size=i["batch"],
+                 eval_lengths=i["eval_lengths"], window=i["window"], **common)
+        if r:
+            out["induction"][mixer] = r
+            print("    by length: " + "  ".join(f"{L}: {a:.2f}" for L, a in r["accuracy_by_length"].items()),
+                  flush=True)
+    out["skipped"] = skipped
+    out["elapsed_s"] = time.perf_counter() - budget.t0
+    out["checks"] = checks(out)
+    return out
+
+
+def _steps_to(hist: list, thr: float) -> float:
+    return next((h["step"] for h in hist if h["accuracy"] >= thr), math.inf)
+
+
+def checks(out: dict) -> dict:
+    """The qualitative claims, evaluated on this run (None where a cell is missing)."""
+    res: dict = {}
+    by = {(c["label"], c["width"]): c["accuracy"] for c in out.get("mqar", [])}
+    widths = sorted({w for _, w in by})
+    att = [by.get(("attention", w)) for w in widths]
+    res["mqar_attention_solves_every_width"] = None if None in att or not att else all(a >= 0.9 for a in att)
+    m2 = [max((by.get((f"mamba2 (N={n})", w)) or 0) for n in (16, 64, 256)) for w in widths]
+    m1 = [by.get(("mamba1 (N=16)", w), by.get(("mamba1", w))) for w in widths]
+    res["mqar_mamba2_beats_mamba1"] = None if None in m1 or not m1 else all(a > b for a, b in zip(m2, m1))
+    ns = [[by.get((f"mamba2 (N={n})", w)) for n in (16, 64, 256)] for w in widths]
+    res["mqar_mamba2_improves_with_state"] = None if any(None in row for row in ns) or not ns else \
+        all(row[0] <= row[1] + 0.02 and row[1] <= row[2] + 0.02 and row[2] > row[0] for row in ns)
+    cp = out.get("copy", {})
+    if {"attention", "rglru", "griffin"} <= set(cp):
+        thr = 0.9 * max(cp["attention"]["accuracy"], 1e-9)
+        s = {k: _steps_to(cp[k]["history"], thr) for k in cp}
+        res["copy_steps_to_90pct_of_transformer"] = {k: (None if math.isinf(v) else v) for k, v in s.items()}
+        auc = {k: sum(h["accuracy"] for h in cp[k]["history"]) / max(len(cp[k]["history"]), 1) for k in cp}
+        res["copy_mean_accuracy_during_training"] = auc
+        res["copy_griffin_about_as_fast_as_transformer"] = auc["griffin"] >= auc["attention"] - 0.1
+        res["copy_hawk_slower"] = auc["rglru"] < min(auc["griffin"], auc["attention"])
+    ind = out.get("induction", {})
+    if {"attention", "rglru", "griffin"} <= set(ind):
+        longest = max(int(k) for k in ind["attention"]["accuracy_by_length"])
+        acc = {k: ind[k]["accuracy_by_length"][longest] for k in ind}
+        res["induction_accuracy_at_longest"] = {"length": longest, **acc}
+        res["induction_recurrent_extrapolates_transformer_does_not"] = \
+            min(acc["rglru"], acc["griffin"]) >= 0.9 and acc["attention"] < 0.5
+    return res
+
+
+def plot(out: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
+    series: dict = {}
+    for c in out.get("mqar", []):
+        series.setdefault(c["label"], []).append((c["width"], c["accuracy"]))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    m = out["settings"]["mqar"]
+    ax[0].set(title=f"(a) MQAR, L={m['seq_len']}, {m['kv']} kv pairs", xlabel="model width",
+              ylabel="accuracy", ylim=(-0.02, 1.02))
+    ax[0].set_xscale("log", base=2)
+    for mixer, r in out.get("copy", {}).items():
+        h = r["history"]
+        ax[1].plot([x["step"] for x in h], [x["accuracy"] for x in h], marker=".",
+                   label=LABEL.get(mixer, mixer))
+    c = out["settings"]["copy"]
+    ax[1].set(title=f"(b) selective copying, L={c['seq_len']}", xlabel="training step", ylabel="accuracy",
+              ylim=(-0.02, 1.02))
+    for mixer, r in out.get("induction", {}).items():
+        items = sorted((int(k), v) for k, v in r["accuracy_by_length"].items())
+        ax[2].plot([k for k, _ in items], [v for _, v in items], marker="o", label=LABEL.get(mixer, mixer))
+    i = out["settings"]["induction"]
+    ax[2].axvline(i["seq_len"], ls="--", color="grey", lw=1)
+    ax[2].set(title=f"(c) induction heads, trained at L={i['seq_len']}", xlabel="evaluation length",
+              ylabel="accuracy", ylim=(-0.02, 1.02))
+    ax[2].set_xscale("log", base=2)
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(f"hybridize synthetic tasks ({out['device']})")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json-out", default="synthetic.json")
+    p.add_argument("--plot-out", default="synthetic.png")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast (auto: bf16 on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mlp-mult", type=int, default=0,
+                   help="MLP width multiple in every block (default 0: mixer-only blocks, which form recall "
+                        "circuits in far fewer steps than with an MLP at this scale)")
+    p.add_argument("--time-budget", type=float, default=450.0,
+                   help="seconds; cells not started by then are skipped (default 450)")
+    p.add_argument("--quick", action="store_true", help="tiny settings (CPU smoke test of the script)")
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="multiply every experiment's training steps (e.g. 0.5 on a slower GPU)")
+    p.add_argument("--mqar-lrs", type=float, nargs="+", default=None,
+                   help="MQAR learning rates to sweep (best kept per cell; default 3e-3 1e-2)")
+    p.add_argument("--reference-scans", action="store_true",
+                   help="keep the sequential RG-LRU / Mamba-1 reference scans (slow; default: chunked ones)")
+    args = p.parse_args(argv)
+    if not args.quick and not torch.cuda.is_available():
+        print("warning: no CUDA device; the full settings take hours on CPU (use --quick for a smoke run)",
+              file=sys.stderr)
+    if (args.device or "").startswith("cpu") or not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    out = run(args)
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"wrote {args.json_out}")
+    try:
+        print(f"wrote {plot(out, args.plot_out)}")
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+    print(json.dumps(out["checks"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
