@@ -21,13 +21,12 @@ from hybridize.ops.ssd.reference import (
     ssd_mixing_matrix,
     ssd_quadratic,
     ssd_recurrent,
-    ssd_step,
 )
 from hybridize.ops.ssd.reference import ssd_chunked as ssd_chunked_reference
+from hybridize.ops.ssd.reference import ssd_step as ssd_step_reference
 
 ssd_quadratic_reference = ssd_quadratic
 ssd_recurrent_reference = ssd_recurrent
-ssd_step_reference = ssd_step
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_MAX_PN = 256
@@ -55,6 +54,19 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tens
         from hybridize.ops.ssd.triton import ssd_chunked_triton
         return ssd_chunked_triton(x, dt, A, Bm, Cm, **kw)
     return ssd_chunked_reference(x, dt, A, Bm, Cm, **kw)
+
+
+def ssd_step(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor, state: Tensor, *,
+             D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+             dt_softplus: bool = False, dt_limit=(0.0, float("inf")), log_decay: Optional[Tensor] = None):
+    """One token, state (B,H,P,N) updated in place (see reference.ssd_step); the fused Triton kernel
+    (one read and one write of the state) on CUDA."""
+    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, log_decay=log_decay)
+    if (x.dtype in _KERNEL_DTYPES and state.dtype in _KERNEL_DTYPES and Bm.shape[-1] <= _KERNEL_MAX_PN
+            and use_kernels(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay)):
+        from hybridize.ops.ssd.triton_step import ssd_step_triton
+        return ssd_step_triton(x, dt, A, Bm, Cm, state, **kw)
+    return ssd_step_reference(x, dt, A, Bm, Cm, state, **kw)
 
 
 __all__ = [

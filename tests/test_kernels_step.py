@@ -1,0 +1,207 @@
+"""Triton decode-step kernels vs the PyTorch references: the fused SSD step (Mamba-2 / discrete
+Mamba-2) and Mamba-1's selective-scan step — outputs and the in-place state update.
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before the kernel
+modules are imported), so shapes stay small; odd P / N (not powers of two) exercise the masks.
+bf16 states are compared with a bf16 tolerance (the kernel rounds once, like the reference, but the
+interpreter's fp32 → bf16 conversion may differ from torch's by one ulp).
+"""
+import os
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+if not _CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from hybridize.ops import selective_scan as ss_ops  # noqa: E402
+from hybridize.ops.selective_scan import reference as ss_ref  # noqa: E402
+from hybridize.ops.selective_scan import triton_step as ss_kern  # noqa: E402
+from hybridize.ops.ssd import reference as ssd_ref  # noqa: E402
+from hybridize.ops.ssd import triton_step as kern  # noqa: E402
+
+DEVICE = "cuda" if _CUDA else "cpu"
+
+if not _CUDA and type(kern._ssd_step_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("step kernels were decorated without TRITON_INTERPRET=1 and there is no GPU",
+                allow_module_level=True)
+
+
+def _close(a, b, state_dtype=torch.float32, scale=1.0):
+    if state_dtype == torch.float32:
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5 * scale, atol=1e-5 * scale)
+    else:
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def _ssd_inputs(B, H, G, P, N, *, D=None, z=False, bias=False, log_decay=False, seed=0,
+                state_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    t = dict(x=mk(B, H, P), dt=mk(B, H) * 0.7 + (0.0 if bias else 0.3),
+             A=None if log_decay else -torch.rand(H, generator=gen) * 1.5 - 0.1,
+             Bm=mk(B, G, N), Cm=mk(B, G, N), state=mk(B, H, P, N).to(state_dtype))
+    kw = dict(D=None if D is None else (mk(H) if D == "h" else mk(H, P)), z=mk(B, H, P) if z else None,
+              dt_bias=mk(H) * 0.5 if bias else None,
+              log_decay=-torch.rand(B, H, generator=gen) * 2.0 if log_decay else None)
+    mv = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return {k: mv(v) for k, v in t.items()}, {k: mv(v) for k, v in kw.items()}
+
+
+def _run_ssd(t, kw, **extra):
+    s_ker, s_ref = t["state"].clone(), t["state"].clone()
+    args = (t["x"], t["dt"], t["A"], t["Bm"], t["Cm"])
+    y_ker = kern.ssd_step_triton(*args, s_ker, **kw, **extra)
+    y_ref = ssd_ref.ssd_step(*args, s_ref, **kw, **extra)
+    return y_ker, s_ker, y_ref, s_ref
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    dict(B=2, H=4, G=1, P=8, N=16),                                                # plain
+    dict(B=2, H=6, G=3, P=5, N=7, D="h", z=True),                                  # odd P/N, groups, gate
+    dict(B=1, H=4, G=2, P=12, N=9, D="hp", bias=True, softplus=True, limit=(0.05, 1.5)),
+    dict(B=3, H=2, G=2, P=3, N=33, log_decay=True, D="h"),                         # discrete Mamba-2
+])
+def test_ssd_step_matches_reference(case, state_dtype):
+    case = dict(case)
+    softplus, limit = case.pop("softplus", False), case.pop("limit", (0.0, float("inf")))
+    t, kw = _ssd_inputs(**case, state_dtype=state_dtype)
+    y_ker, s_ker, y_ref, s_ref = _run_ssd(t, kw, dt_softplus=softplus, dt_limit=limit)
+    assert s_ker.dtype == state_dtype and y_ker.dtype == t["x"].dtype
+    _close(y_ker, y_ref, state_dtype)
+    _close(s_ker, s_ref, state_dtype)
+
+
+def test_ssd_step_strided_state_and_inputs():
+    """A state that is a view (e.g. one layer of a stacked cache) is updated in place through its strides;
+    x / B / C as slices of one projection (unit last stride only)."""
+    B, H, G, P, N = 2, 4, 2, 6, 10
+    gen = torch.Generator().manual_seed(3)
+    big_state = torch.randn(3, B, H, P, N + 2, generator=gen).to(DEVICE)
+    state = big_state[1, :, :, :, 1:N + 1]                        # non-contiguous view
+    proj = torch.randn(B, H * P + 2 * G * N + 5, generator=gen).to(DEVICE)
+    x = proj[:, :H * P].view(B, H, P)
+    Bm = proj[:, H * P:H * P + G * N].view(B, G, N)
+    Cm = proj[:, H * P + G * N:H * P + 2 * G * N].view(B, G, N)
+    dt = torch.rand(B, H, generator=gen).to(DEVICE)
+    A = -torch.rand(H, generator=gen).to(DEVICE)
+    ref_state = state.clone()
+    before = big_state.clone()
+    y = kern.ssd_step_triton(x, dt, A, Bm, Cm, state, dt_softplus=True)
+    y_ref = ssd_ref.ssd_step(x, dt, A, Bm, Cm, ref_state, dt_softplus=True)
+    _close(y, y_ref)
+    _close(state, ref_state)
+    # nothing outside the view was touched
+    mask = torch.ones_like(big_state, dtype=torch.bool)
+    mask[1, :, :, :, 1:N + 1] = False
+    assert torch.equal(big_state[mask], before[mask])
+
+
+def test_ssd_step_many_steps_equal_recurrent():
+    """L kernel steps reproduce the recurrent scan (outputs and final state)."""
+    B, L, H, G, P, N = 2, 5, 4, 2, 6, 8
+    gen = torch.Generator().manual_seed(1)
+    mk = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    x, dt, Bm, Cm, z = mk(B, L, H, P), mk(B, L, H), mk(B, L, G, N), mk(B, L, G, N), mk(B, L, H, P)
+    A, D, bias, h0 = -torch.rand(H, generator=gen).to(DEVICE), mk(H), mk(H), mk(B, H, P, N)
+    kw = dict(D=D, dt_bias=bias, dt_softplus=True, dt_limit=(0.01, 3.0))
+    y_ref, final = ssd_ref.ssd_recurrent(x, dt, A, Bm, Cm, z=z, initial_state=h0, return_final_state=True,
+                                         **kw)
+    state = h0.clone()
+    ys = [kern.ssd_step_triton(x[:, t], dt[:, t], A, Bm[:, t], Cm[:, t], state, z=z[:, t], **kw)
+          for t in range(L)]
+    _close(torch.stack(ys, 1), y_ref, scale=4)
+    _close(state, final, scale=4)
+
+
+def test_ssd_step_half_inputs_fp32_state():
+    """fp16 activations with an fp32 state (the usual decode setup); y comes back in fp16."""
+    t, kw = _ssd_inputs(2, 4, 1, 8, 16, D="h", z=True)
+    t16 = {k: (v.half() if k in ("x", "Bm", "Cm") else v) for k, v in t.items()}
+    kw16 = {k: (v.half() if k == "z" else v) for k, v in kw.items()}
+    y_ker, s_ker, y_ref, s_ref = _run_ssd(t16, kw16)
+    assert y_ker.dtype == torch.float16 and s_ker.dtype == torch.float32
+    torch.testing.assert_close(y_ker.float(), y_ref.float(), rtol=2e-3, atol=2e-3)
+    _close(s_ker, s_ref)
+
+
+def test_ssd_step_dispatch():
+    """Layers call hybridize.ops.ssd.ssd_step (reference or, once dispatched, this kernel): both agree."""
+    t, kw = _ssd_inputs(1, 2, 1, 4, 4)
+    from hybridize.ops import ssd as ssd_ops
+    s1, s2 = t["state"].clone(), t["state"].clone()
+    y1 = ssd_ops.ssd_step(t["x"], t["dt"], t["A"], t["Bm"], t["Cm"], s1, **kw)
+    y2 = kern.ssd_step_triton(t["x"], t["dt"], t["A"], t["Bm"], t["Cm"], s2, **kw)
+    _close(y1, y2)
+    _close(s1, s2)
+
+
+def test_ssd_step_custom_op_registration():
+    """The torch.library op (what torch.compile / CUDA graphs capture) and its fake agree with eager."""
+    t, kw = _ssd_inputs(2, 4, 2, 5, 6, D="h", z=True, bias=True)
+    s1, s2 = t["state"].clone(), t["state"].clone()
+    args = (t["x"], t["dt"], t["A"], t["Bm"], t["Cm"])
+    y1 = torch.ops.hybridize.ssd_step(*args, s1, kw["D"], kw["z"], kw["dt_bias"], None, True, 0.0,
+                                      float("inf"))
+    y2 = ssd_ref.ssd_step(*args, s2, dt_softplus=True, **kw)
+    _close(y1, y2)
+    _close(s1, s2)
+    # schema (declared mutation), fake tensor, autograd registration, AOT dispatch
+    torch.library.opcheck(torch.ops.hybridize.ssd_step,
+                          (*args, t["state"].clone(), kw["D"], kw["z"], kw["dt_bias"], None, True, 0.0, 2.0))
+
+
+# ----------------------------------------------------------------------------- Mamba-1 step
+def _ss_inputs(B, C, N, G, *, D=True, z=True, bias=True, seed=0, state_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    bc = (B, N) if G is None else (B, G, N)
+    t = dict(u=mk(B, C), delta=mk(B, C) * 0.5, A=-torch.exp(mk(C, N) * 0.5), Bm=mk(*bc), Cm=mk(*bc),
+             state=mk(B, C, N).to(state_dtype))
+    kw = dict(D=mk(C) if D else None, z=mk(B, C) if z else None, delta_bias=mk(C) * 0.3 if bias else None)
+    return ({k: v.to(DEVICE) for k, v in t.items()},
+            {k: (v.to(DEVICE) if v is not None else None) for k, v in kw.items()})
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    dict(B=2, C=12, N=5, G=None),                                   # shared B/C, odd N
+    dict(B=3, C=12, N=16, G=3, softplus=False),                     # grouped
+    dict(B=1, C=7, N=3, G=None, D=False, z=False, bias=False),      # bare
+    dict(B=2, C=40, N=17, G=4),                                     # several channel blocks
+])
+def test_selective_scan_step_matches_reference(case, state_dtype):
+    case = dict(case)
+    softplus = case.pop("softplus", True)
+    t, kw = _ss_inputs(**case, state_dtype=state_dtype)
+    s_ker, s_ref = t["state"].clone(), t["state"].clone()
+    args = (t["u"], t["delta"], t["A"], t["Bm"], t["Cm"])
+    y_ker = ss_kern.selective_scan_step_triton(*args, s_ker, delta_softplus=softplus, **kw)
+    y_ref = ss_ref.selective_scan_step(*args, s_ref, delta_softplus=softplus, **kw)
+    assert s_ker.dtype == state_dtype
+    _close(y_ker, y_ref, state_dtype)
+    _close(s_ker, s_ref, state_dtype)
+
+
+def test_selective_scan_step_dispatch(monkeypatch):
+    t, kw = _ss_inputs(2, 8, 4, None)
+    args = (t["u"], t["delta"], t["A"], t["Bm"], t["Cm"])
+    s1, s2 = t["state"].clone(), t["state"].clone()
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "1")
+    y1 = ss_ops.selective_scan_step(*args, s1, delta_softplus=True, **kw)
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "0")
+    y2 = ss_ops.selective_scan_step(*args, s2, delta_softplus=True, **kw)
+    _close(y1, y2)
+    _close(s1, s2)
+    assert ss_ops.selective_scan_step_reference is ss_ref.selective_scan_step
+
+
+def test_selective_scan_step_custom_op_registration():
+    t, kw = _ss_inputs(2, 8, 4, 2)
+    torch.library.opcheck(torch.ops.hybridize.selective_scan_step,
+                          (t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["state"].clone(), kw["D"], kw["z"],
+                           kw["delta_bias"], True))
