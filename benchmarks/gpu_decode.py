@@ -1,13 +1,20 @@
-"""Decode throughput of hybridize's engine (CUDA graphs) for a ~1B Llama-style Transformer and its
-Mamba-2 hybrids, vs transformers' `generate` on an equivalent `LlamaForCausalLM` (static cache, SDPA),
-vs the HBM floor; plus the cost of verifying K tokens (speculative decoding) relative to one step.
+"""Decode throughput of hybridize's engine (torch.compile'd step replayed from CUDA graphs) for a ~1B
+Llama-style Transformer and its Mamba-2 hybrids, vs transformers' `generate` on an equivalent
+`LlamaForCausalLM` (static cache, SDPA), vs the HBM floor; plus the cost of verifying K tokens
+(speculative decoding, `Verifier`: fixed-K in-place pass, compiled + graph) relative to one step.
 
-    PYTHONPATH=src python benchmarks/gpu_decode.py --json-out results.json          # H100, ~6 min
+    PYTHONPATH=src python benchmarks/gpu_decode.py --json-out results.json          # H100, ~6-10 min
     PYTHONPATH=src python benchmarks/gpu_decode.py --quick --json-out /tmp/q.json    # CPU smoke test
+    ... --models llama-1b --batches 1 --contexts 0 --profile llama-1b:1:0         # top kernels of a step
+
+Compilation: each model compiles its step twice (batch 1, batch > 1: one graph serves every KV capacity)
+and its verifier once per K; that time is excluded from the per-token numbers and reported as setup_s.
 
 Random weights, bf16, greedy. The context is filled by prefilling random tokens (hybridize's chunked
 prefill; HF's own prefill); decode latency excludes it:
-* hybridize: `GenerationStats.decode_s / steps` (one host sync at the end, graph replay per token).
+* hybridize: `GenerationStats.decode_s / steps` (one host sync at the end, graph replay per token);
+  --also-uncompiled adds the same measurement without torch.compile (eager step in the CUDA graph, the
+  engine before compilation) for comparison; compile / capture time is reported as setup_s.
 * HF: (t(generate N+1 tokens) − t(generate 1 token)) / N, both with the same prompt; the compile that
   HF's generate would trigger for a static cache is disabled unless --hf-compile.
 * HBM floor per step: bytes that must move ÷ --hbm-bw (3.35e12 B/s, H100 SXM): all weights except the
@@ -19,7 +26,6 @@ Results are written to --json-out after every measurement (a partial run keeps w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import gc
 import json
@@ -32,10 +38,11 @@ from pathlib import Path
 import torch
 
 import hybridize as hz
-from hybridize.generate import commit_, generate, verify_forward
+from hybridize.generate import generate
 from hybridize.generate.cache_ops import alloc_cache, restore_positions_, save_positions
 from hybridize.generate.engine import StepRunner, prefill_
-from hybridize.model import HybridCache, HybridLM
+from hybridize.generate.speculative import Verifier
+from hybridize.model import HybridLM
 
 T_START = time.perf_counter()
 
@@ -53,26 +60,6 @@ def free_memory(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def timed(fn, device, reps: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn() (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(ts)
 
 
 def build_model(name: str, device, dtype) -> HybridLM:
@@ -95,19 +82,24 @@ def step_bytes(model: HybridLM, batch: int, context: float, kv_dtype) -> dict:
 
 
 # ---------------------------------------------------------------------------- hybridize decode
-def bench_hybridize(model, name, batch, context, args, device) -> dict:
+def bench_hybridize(model, name, batch, context, args, device, compile="auto") -> dict:
     V = model.cfg.vocab_size
     g = torch.Generator().manual_seed(batch * 100003 + context)
     prompts = torch.randint(0, V, (batch, context + 1), generator=g).tolist()
-    res = generate(model, prompts, max_new_tokens=args.new_tokens, use_cuda_graph="auto",
+    sync(device)
+    t0 = time.perf_counter()
+    res = generate(model, prompts, max_new_tokens=args.new_tokens, use_cuda_graph="auto", compile=compile,
                    prefill_chunk=args.prefill_chunk)
+    sync(device)
     s = res.stats
+    setup_s = time.perf_counter() - t0 - s.prefill_s - s.decode_s
     ms = 1e3 * s.decode_s / s.steps
     by = step_bytes(model, batch, context + args.new_tokens / 2, torch.bfloat16)
     floor_ms = 1e3 * by["total"] / args.hbm_bw
-    return {"model": name, "batch": batch, "context": context, "new_tokens": s.steps,
-            "ms_per_token": ms, "tokens_per_s": batch * s.steps / s.decode_s, "prefill_s": s.prefill_s,
-            "cuda_graph": s.cuda_graph, "hbm_floor_ms": floor_ms, "hbm_floor_tokens_per_s": 1e3 * batch / floor_ms,
+    return {"model": name if s.compiled else f"{name} (no compile)", "batch": batch, "context": context,
+            "new_tokens": s.steps, "ms_per_token": ms, "tokens_per_s": batch * s.steps / s.decode_s,
+            "prefill_s": s.prefill_s, "setup_s": setup_s, "cuda_graph": s.cuda_graph, "compiled": s.compiled,
+            "hbm_floor_ms": floor_ms, "hbm_floor_tokens_per_s": 1e3 * batch / floor_ms,
             "fraction_of_hbm_floor": floor_ms / ms, "bytes_per_step": by}
 
 
@@ -162,46 +154,78 @@ def bench_hf(ref, batch, context, args, device) -> dict:
 
 # ---------------------------------------------------------------------------- verification cost
 def bench_verify(model, name, batch, context, args, device) -> list:
-    """Time to verify K tokens (target forward over K tokens with the cache, + rollback) vs one step."""
-    V, Kmax = model.cfg.vocab_size, max(args.verify_ks)
-    cache = alloc_cache(model, batch, context + Kmax + args.verify_reps * 4 + 16, window_slack=Kmax + 1,
-                        device=device)
-    runner = StepRunner(model, cache, batch, "auto")          # captured on the empty cache
+    """Time to verify K tokens (`Verifier.verify`: the target consumes K tokens in place, compiled + graph)
+    and to verify + roll back (`commit`), vs one decode step (compiled + graph), at `context`."""
+    V, ks = model.cfg.vocab_size, args.verify_ks
+    cache = alloc_cache(model, batch, context + max(ks) + 16, window_slack=max(ks), device=device)
+    t0 = time.perf_counter()
+    runner = StepRunner(model, cache, batch, "auto")          # compiled + captured on the empty cache
+    verifiers = {K: Verifier(model, cache, batch, K, "auto") for K in ks}
+    sync(device)
+    setup_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(7)
     prefill_(model, cache, torch.randint(0, V, (batch, context), generator=g).tolist(),
              prefill_chunk=args.prefill_chunk)
     saved = save_positions(cache)
     tok = torch.randint(0, V, (batch,), generator=g).to(device)
 
-    def steps(fn):
-        def run():
-            fn(tok)
-        ms = timed(run, device, args.verify_reps)
-        restore_positions_(cache, saved)     # the steps advanced every row; put them back
-        return ms
+    def events(fn, undo, reps):
+        """Median ms of fn() (CUDA events on GPU), undo() between reps, untimed."""
+        ts = []
+        for i in range(reps + 2):
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                ms = a.elapsed_time(b)
+            else:
+                t = time.perf_counter()
+                fn()
+                ms = 1e3 * (time.perf_counter() - t)
+            undo()
+            if i >= 2:
+                ts.append(ms)
+        return statistics.median(ts)
 
-    step_graph = steps(runner) if runner.graph is not None else None
-    step_eager = steps(lambda t: model.step(t, cache))
-    def verify(ids, n=None):
-        # forward reassigns state tensors (never writes in place): a shallow copy leaves `cache` intact
-        c = HybridCache([dataclasses.replace(s) for s in cache.states])
-        _, ctx = verify_forward(model, ids, c)
-        if n is not None:
-            commit_(model, c, ctx, n, n.tolist())
-
+    restore = functools.partial(restore_positions_, cache, saved)
+    step_ms = events(lambda: runner(tok), restore, args.verify_reps)
     rows = []
-    for K in args.verify_ks:
+    for K in ks:
+        ver = verifiers[K]
         ids = torch.randint(0, V, (batch, K), generator=g).to(device)
-        full, one = torch.full((batch,), K, device=device), torch.ones(batch, dtype=torch.long, device=device)
-        v = timed(functools.partial(verify, ids), device, args.verify_reps)
-        vf = timed(functools.partial(verify, ids, full), device, args.verify_reps)
-        vp = timed(functools.partial(verify, ids, one), device, args.verify_reps)
-        ref = step_graph or step_eager
+        one = torch.ones(batch, dtype=torch.long, device=device)
+        zero = torch.zeros(batch, dtype=torch.long, device=device)
+        v = events(lambda: ver.verify(ids), lambda: ver.commit(zero), args.verify_reps)
+        vc = events(lambda: (ver.verify(ids), ver.commit(one)), restore, args.verify_reps)
         rows.append({"model": name, "batch": batch, "context": context, "K": K, "verify_ms": v,
-                     "verify_commit_all_accepted_ms": vf, "verify_commit_one_accepted_ms": vp,
-                     "step_graph_ms": step_graph, "step_eager_ms": step_eager,
-                     "verify_over_step": v / ref, "verify_over_eager_step": v / step_eager,
-                     "verify_commit_worst_over_step": vp / ref})
+                     "verify_commit_ms": vc, "step_ms": step_ms, "verify_over_step": v / step_ms,
+                     "verify_commit_over_step": vc / step_ms, "compiled": ver.compiled, "graphed": ver.graphed,
+                     "step_compiled": runner.compiled, "setup_s": setup_s})
+    return rows
+
+
+def profile_step(model, batch, context, args, device) -> list:
+    """Top CUDA kernels of 20 graph-replayed decode steps (torch.profiler), for --profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = alloc_cache(model, batch, context + 64, device=device)
+    runner = StepRunner(model, cache, batch, "auto")
+    tok = torch.zeros(batch, dtype=torch.long, device=device)
+    for _ in range(3):
+        runner(tok)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            runner(tok)
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        dt = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if dt:
+            rows.append({"kernel": e.key[:120], "calls_per_step": e.count / 20, "us_per_step": dt / 20})
+    rows.sort(key=lambda r: -r["us_per_step"])
     return rows
 
 
@@ -214,10 +238,14 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--verify-model", default="mil50-1b")
-    p.add_argument("--verify-ks", default="1,2,3,4,5,6,7,8")
+    p.add_argument("--verify-ks", default="1,2,4,8", help="tokens verified per call (one compile each)")
     p.add_argument("--verify-batches", default="1,8")
     p.add_argument("--verify-contexts", default="0,4096")
     p.add_argument("--verify-reps", type=int, default=10)
+    p.add_argument("--also-uncompiled", action="store_true", help="also measure every decode config without "
+                   "torch.compile (the eager step in a CUDA graph)")
+    p.add_argument("--profile", default="", help="MODEL:BATCH:CONTEXT[,...]: print the top CUDA kernels of a "
+                   "graph-replayed decode step")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--hf-compile", action="store_true", help="let HF's generate torch.compile the static-cache "
                    "forward (compiles once per batch/context: slow)")
@@ -231,7 +259,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.models, args.verify_model = "llama-debug,mil50-debug", "mil50-debug"
         args.batches, args.contexts, args.new_tokens = "1,2", "0,40", 8
-        args.verify_ks, args.verify_batches, args.verify_contexts, args.verify_reps = "1,2,3", "1", "0,24", 3
+        args.verify_ks, args.verify_batches, args.verify_contexts, args.verify_reps = "1,3", "1", "0,24", 3
     models = args.models.split(",")
     batches = [int(x) for x in args.batches.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
@@ -244,7 +272,7 @@ def main(argv=None) -> int:
     report = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.processor() or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": str(dtype), "hbm_bytes_per_s": args.hbm_bw, "new_tokens": args.new_tokens,
-              "decode": [], "hf_generate": [], "verify": [], "skipped": [], "errors": []}
+              "decode": [], "hf_generate": [], "verify": [], "profile": [], "skipped": [], "errors": []}
     out = Path(args.json_out)
 
     def save():
@@ -295,6 +323,12 @@ def main(argv=None) -> int:
                 if r:
                     report["decode"].append(r)
                     line(r)
+                if args.also_uncompiled:
+                    r = attempt({**what, "compile": False}, need, bench_hybridize, model, name, B, ctx, args,
+                                device, False)
+                    if r:
+                        report["decode"].append(r)
+                        line(r)
                 if ref is not None:
                     r = attempt({**what, "model": "hf"}, need, bench_hf, ref, B, ctx, args, device)
                     if r:
@@ -310,9 +344,24 @@ def main(argv=None) -> int:
                     for r in rows or []:
                         report["verify"].append(r)
                         print(f"[{elapsed():6.1f}s] verify {name} B={B} ctx={ctx} K={r['K']}: "
-                              f"{r['verify_ms']:.2f} ms = {r['verify_over_step']:.2f} steps "
-                              f"(commit worst {r['verify_commit_one_accepted_ms']:.2f} ms)", flush=True)
+                              f"{r['verify_ms']:.2f} ms = {r['verify_over_step']:.2f} steps of "
+                              f"{r['step_ms']:.2f} ms (+ commit: {r['verify_commit_ms']:.2f} ms = "
+                              f"{r['verify_commit_over_step']:.2f} steps; setup {r['setup_s']:.0f} s)", flush=True)
                     save()
+        for spec in [x for x in args.profile.split(",") if x]:
+            pm, pb, pc = spec.split(":")
+            if pm != name:
+                continue
+            rows = attempt({"model": name, "stage": "profile", "batch": int(pb), "context": int(pc)}, 0,
+                           profile_step, model, int(pb), int(pc), args, device)
+            if rows:
+                report["profile"].append({"model": name, "batch": int(pb), "context": int(pc), "kernels": rows[:40]})
+                print(f"[{elapsed():6.1f}s] profile {name} B={pb} ctx={pc}: "
+                      f"{sum(r['us_per_step'] for r in rows):.0f} us of kernels per step, "
+                      f"{sum(r['calls_per_step'] for r in rows):.0f} launches")
+                for r in rows[:15]:
+                    print(f"    {r['us_per_step']:8.1f} us  {r['calls_per_step']:6.1f}x  {r['kernel']}")
+            save()
         model = None
         free_memory(device)
     save()

@@ -86,7 +86,8 @@ def cmd_generate(args) -> int:
                        repetition_penalty=args.repetition_penalty,
                        eos_token_id=args.eos_token_id if args.eos_token_id else None, stop=args.stop,
                        seed=args.seed, tokenizer=tokenizer, stream=on_tokens if streaming else None,
-                       use_cuda_graph="auto" if not args.no_cuda_graph else False)
+                       use_cuda_graph="auto" if not args.no_cuda_graph else False,
+                       compile=False if args.no_compile else "auto")
     except ValueError as e:
         raise _user_error(str(e)) from None
 
@@ -139,6 +140,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights / KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile of the decode step (saves tens of seconds of compile time on "
+                        "short one-off generations; decoding is then slower per token)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_generate)

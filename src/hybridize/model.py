@@ -7,6 +7,7 @@ place, so no second model class is ever needed.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -72,6 +73,24 @@ class HybridBlock(nn.Module):
     def step(self, x: Tensor, state: MixerState) -> Tensor:
         """x: (B, D) → (B, D); state updated in place."""
         x = x + self.mixer.step(self.mixer_norm(x), state)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+    def step_tokens(self, x: Tensor, state: MixerState, mixer_tokens=None) -> Tensor:
+        """T tokens per row at once, in place (speculative verification). x: (B, T, D) → (B, T, D).
+
+        The mixer runs as ``mixer_tokens(mixer, u, state) → y (B, T, D)`` when given, else its own
+        ``step_tokens`` (attention: one pass over the T tokens), else T sequential ``step`` calls. The
+        norms and the MLP see all T tokens at once (weights read once)."""
+        u = self.mixer_norm(x)
+        if mixer_tokens is not None:
+            y = mixer_tokens(self.mixer, u, state)
+        elif hasattr(self.mixer, "step_tokens"):
+            y = self.mixer.step_tokens(u, state)
+        else:
+            y = torch.stack([self.mixer.step(u[:, t], state) for t in range(u.shape[1])], 1)
+        x = x + y
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -272,12 +291,38 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
                                       hidden_states=tuple(hidden_states) if hidden_states else None)
 
+    def _embed_step(self, input_ids: Tensor) -> Tensor:
+        """`embed` for the decode paths: the same numbers, with the rounded embedding scale memoised as a
+        Python float (no tensor → float conversion inside torch.compile / CUDA-graph capture)."""
+        h = self.embed_tokens(input_ids)
+        scale = self.cfg.embedding_scale
+        if scale is not None:
+            if self.cfg.embedding_scale_in_dtype:
+                scale = _rounded_scale(scale, h.dtype)
+            h = h * scale
+        return h
+
     @torch.no_grad()
     def step(self, input_ids: Tensor, cache: HybridCache) -> Tensor:
-        """One decode step. input_ids: (B,) → logits (B, V); every layer's state updated in place."""
-        h = self.embed(input_ids)
+        """One decode step. input_ids: (B,) → logits (B, V); every layer's state updated in place.
+
+        No host syncs, no value-dependent branches: CUDA-graph capturable and torch.compile(fullgraph=True)
+        friendly (see `hybridize.generate.engine.StepRunner`)."""
+        h = self._embed_step(input_ids)
         for blk, st in zip(self.layers, cache.states):
             h = blk.step(h, st)
+        return self.head(h)
+
+    @torch.no_grad()
+    def step_tokens(self, input_ids: Tensor, cache: HybridCache, mixer_tokens=None) -> Tensor:
+        """T decode steps at once (speculative verification): input_ids (B, T) → logits (B, T, V); row b's
+        tokens take positions ``lengths[b] + t``. States advance in place by T tokens (roll back with
+        `hybridize.generate.speculative.Verifier`); ``mixer_tokens(i, mixer, u, state)``, when given, runs
+        layer i's mixer (see `HybridBlock.step_tokens`). Same properties as `step` (fixed shapes, no host
+        syncs)."""
+        h = self._embed_step(input_ids)
+        for i, (blk, st) in enumerate(zip(self.layers, cache.states)):
+            h = blk.step_tokens(h, st, None if mixer_tokens is None else functools.partial(mixer_tokens, i))
         return self.head(h)
 
     # ------------------------------------------------------------------ reporting
@@ -300,6 +345,18 @@ class HybridLM(PreTrainedModel, GenerationMixin):
             else:
                 rec += blk.mixer.state_bytes_per_sequence(context, dtype=state_dtype)
         return {"context": context, "recurrent_state_bytes": rec, "kv_cache_bytes": kv, "total_bytes": rec + kv}
+
+
+_ROUNDED_SCALES: dict = {}
+
+
+def _rounded_scale(scale: float, dtype) -> float:
+    """float(tensor(scale, dtype)), memoised (computed eagerly on the first call)."""
+    key = (float(scale), dtype)
+    v = _ROUNDED_SCALES.get(key)
+    if v is None:
+        v = _ROUNDED_SCALES[key] = float(torch.tensor(scale, dtype=dtype))
+    return v
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:

@@ -1,23 +1,28 @@
 """The generation engine: batched prefill into per-row decode states, then a decode loop on
-`HybridLM.step` (replayed from a CUDA graph on GPU).
+`HybridLM.step` (torch.compile'd and replayed from a CUDA graph on GPU).
 
 Layout of one call (B prompts of different lengths, no padding anywhere):
 
 1. ``alloc_cache``: one preallocated batched cache (KV caches sized to the longest prompt plus the new
-   tokens; recurrent states are fixed size). On CUDA, ``model.step`` is captured into a graph on this
-   cache now (all states update in place), then the cache is zeroed.
+   tokens; recurrent states are fixed size). On CUDA, ``model.step`` is compiled (`torch.compile`,
+   fullgraph: norms, rotary, cache writes and state updates fuse into a few kernels per layer; attention
+   is a split-K decode kernel that reads only the filled slots) and captured into a graph on this cache
+   now (all states update in place), then the cache is zeroed. One compiled graph serves every KV
+   capacity and every batch size > 1 (`mark_dynamic_cache`); the first compile of a model costs tens of
+   seconds (HYBRIDIZE_COMPILE=0 or ``compile=False`` skips it).
 2. Prefill: prompts are grouped by length; each group runs ``model.forward`` in chunks of
    ``prefill_chunk`` tokens on a scratch cache of the same capacities, whose rows are then copied into
    their batch rows (``copy_rows_``). Each row's recurrent state therefore only ever sees its own
    tokens. The *last* prompt token is not prefilled: decoding starts by stepping it for every row, so
    a 1-token prompt needs no prefill and all rows enter the loop the same way.
-3. Decode: ``logits = step(tok)`` → sample → next ``tok``. Tokens stay on the device in a (B, N)
+3. Decode: ``logits = step(tok)`` → sample → next ``tok`` (greedy: the argmax is part of the graph). Tokens stay on the device in a (B, N)
    buffer; the host looks at them only every ``check_every`` tokens when there is something to check
    (EOS, stop strings; every token when streaming), else once at the end. Rows that finished keep
    stepping (their output is ignored) until every row is done.
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -45,6 +50,7 @@ class GenerationStats:
     tokens_per_s: float        # new_tokens / decode_s, summed over the batch
     ms_per_step: float         # decode latency per step / round
     cuda_graph: bool = False
+    compiled: bool = False     # the decode step (and the verifier) ran torch.compile'd code
     # speculative decoding only
     num_draft_tokens: Optional[int] = None
     drafted: Optional[int] = None
@@ -215,55 +221,214 @@ def prefill_(model, cache, token_lists: list, *, prefill_chunk: int = 2048,
             del scratch
 
 
-# ---------------------------------------------------------------------------- step runner
-class StepRunner:
-    """``runner(ids (B,)) → logits (B, V)`` advancing `cache` in place: `model.step`, or the replay of a
-    CUDA graph of it captured on this cache (static input/output buffers; the returned logits are
-    overwritten by the next call).
+# ---------------------------------------------------------------------------- compiled steps
+_WARNED: set = set()
 
-    Capture runs warm-up steps, so it must happen before the cache is filled: the cache is zeroed
-    afterwards. use_cuda_graph: True, False or "auto" (= on CUDA; falls back to eager with a warning
-    when capture fails)."""
 
-    def __init__(self, model, cache, batch_size: int, use_cuda_graph: Union[bool, str] = "auto"):
-        self.model, self.cache = model, cache
-        self.graph = None
-        device = next(model.parameters()).device
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _step_program(model, ids: Tensor, cache) -> Tensor:
+    """What `torch.compile` sees for one decode step (a module-level function: one code object, so the
+    compiled graphs of every model / batch size share dynamo's cache)."""
+    return model.step(ids, cache)
+
+
+_COMPILED: dict = {}
+
+
+def _compile_wanted(compile, device) -> bool:
+    if os.environ.get("HYBRIDIZE_COMPILE", "").lower() in ("0", "off", "false", "no"):
+        return False
+    if compile == "auto":
+        return device.type == "cuda"
+    return bool(compile)
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, fullgraph=True)`` (inductor, default mode: no CUDA graphs of its own, the
+    callers capture theirs), memoised per function. Recompiles happen per batch size class (1 / > 1, see
+    `mark_dynamic_cache`) and per model architecture, so dynamo's recompile limit is raised."""
+    if fn not in _COMPILED:
+        import torch._dynamo.config as dcfg
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dcfg, name):
+                setattr(dcfg, name, max(int(getattr(dcfg, name)), 64))
+        for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(dcfg, name):
+                setattr(dcfg, name, max(int(getattr(dcfg, name)), 512))
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=None,
+                                      mode=os.environ.get("HYBRIDIZE_COMPILE_MODE") or None)
+    return _COMPILED[fn]
+
+
+def mark_dynamic_cache(cache, *tensors: Tensor) -> None:
+    """Tell dynamo which sizes vary between calls so that one compiled graph serves them all: the KV
+    capacity (dim 2 of k / v) and, for batches > 1, the batch dim of every state tensor and of
+    `tensors` (a batch of 1 is always specialised)."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    from hybridize.generate.cache_ops import _fields, is_kv
+
+    for st in cache.states:
+        for name in _fields(st):
+            t = getattr(st, name)
+            if t.shape[0] > 1:
+                maybe_mark_dynamic(t, 0)
+            if is_kv(st) and name in ("k", "v") and t.shape[2] > 1:
+                maybe_mark_dynamic(t, 2)
+    for t in tensors:
+        if t.shape[0] > 1:
+            maybe_mark_dynamic(t, 0)
+
+
+def try_compiled(fn: Callable, args: tuple, what: str) -> Optional[Callable]:
+    """The compiled `fn` after one successful warm-up call ``fn(*args)`` (which compiles it), or None with
+    a warning (once per `what`) when compilation fails — the caller then runs `fn` eagerly."""
+    try:
+        cfn = compiled(fn)
+        cfn(*args)
+        return cfn
+    except Exception as e:  # noqa: BLE001 — any compiler failure → eager
+        _warn_once(f"compile:{what}:{type(e).__name__}",
+                   f"torch.compile of {what} failed ({type(e).__name__}: {str(e)[:400]}); running it eagerly "
+                   "(set HYBRIDIZE_COMPILE=0 to skip compiling)")
+        return None
+
+
+# ---------------------------------------------------------------------------- graphed programs
+class GraphedProgram:
+    """``prog()`` runs ``fn(*args)`` on static `args` — compiled with `torch.compile` and/or replayed from
+    a CUDA graph captured on them. Callers write their inputs into the static tensors of `args` first; the
+    outputs of a replay are static buffers overwritten by the next call. ``post(outputs)``, when given,
+    runs after `fn` (inside the graph) and its result is what ``prog()`` returns.
+
+    Compilation and capture run `fn` (warm-up), so the states in `args` must be reset afterwards by the
+    caller (`touched` says whether anything ran). ``eager_first`` runs `fn` once uncompiled before
+    compiling (kernel self-checks, memoised constants); `dynamic_cache` / `dynamic_tensors` are marked
+    for `mark_dynamic_cache`. use_cuda_graph, compile: True / False / "auto" (= on CUDA). A failing
+    compile falls back to eager `fn`, a failing capture of the compiled `fn` to a capture of the eager one,
+    a failing "auto" capture to no graph, each with a warning (use_cuda_graph=True re-raises)."""
+
+    def __init__(self, fn: Callable, args: tuple, *, device, use_cuda_graph: Union[bool, str] = "auto",
+                 compile: Union[bool, str] = "auto", what: str = "step", post: Optional[Callable] = None,
+                 eager_first: bool = True, dynamic_cache=None, dynamic_tensors: tuple = ()):
+        self.args, self.post, self.what = args, post, what
+        self.graph, self.compiled, self.touched = None, False, False
+        self.fn = fn
+        self.outputs = None
         want = device.type == "cuda" if use_cuda_graph == "auto" else bool(use_cuda_graph)
         if want and device.type != "cuda":
             raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
+        if _compile_wanted(compile, device):
+            self.touched = True
+            with torch.no_grad():
+                if eager_first:
+                    fn(*args)
+                if dynamic_cache is not None:
+                    mark_dynamic_cache(dynamic_cache, *dynamic_tensors)
+                cfn = try_compiled(fn, args, what)
+            if cfn is not None:
+                self.fn, self.compiled = cfn, True
         if want:
+            self.touched = True
             try:
-                self._capture(batch_size, device)
-            except Exception as e:  # any capture failure → eager
-                if use_cuda_graph is True:
-                    raise
-                warnings.warn(f"CUDA graph capture of model.step failed ({type(e).__name__}: {e}); "
-                              "decoding eagerly")
-                self.graph = None
-            zero_(cache)
+                self._capture(device)
+            except Exception as e:  # noqa: BLE001 — any capture failure → eager (or the eager fn's graph)
+                if self.compiled:
+                    _warn_once(f"capture-compiled:{what}:{type(e).__name__}",
+                               f"CUDA graph capture of the compiled {what} failed ({type(e).__name__}: "
+                               f"{str(e)[:300]}); capturing the eager {what}")
+                    self.fn, self.compiled = fn, False
+                    try:
+                        self._capture(device)
+                    except Exception as e2:  # noqa: BLE001
+                        e = e2
+                if self.graph is None:
+                    if use_cuda_graph is True:
+                        raise e
+                    warnings.warn(f"CUDA graph capture of {what} failed ({type(e).__name__}: {e}); "
+                                  "running it eagerly")
+
+    def _run(self):
+        out = self.fn(*self.args)
+        return self.post(out) if self.post is not None else out
 
     @torch.no_grad()
-    def _capture(self, B: int, device) -> None:
-        self.ids = torch.zeros(B, dtype=torch.long, device=device)
+    def _capture(self, device) -> None:
+        self.graph = None
         s = torch.cuda.Stream(device)
         s.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(s):           # warm-up: lazy init, Triton compilation, allocator
             for _ in range(2):
-                self.model.step(self.ids, self.cache)
+                self._run()
         torch.cuda.current_stream(device).wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            self.logits = self.model.step(self.ids, self.cache)
+            self.outputs = self._run()
         self.graph = g
 
     @torch.no_grad()
-    def __call__(self, ids: Tensor) -> Tensor:
+    def __call__(self):
         if self.graph is None:
-            return self.model.step(ids, self.cache)
-        self.ids.copy_(ids)
+            return self._run()
         self.graph.replay()
-        return self.logits
+        return self.outputs
+
+
+# ---------------------------------------------------------------------------- step runner
+def _with_argmax(logits: Tensor):
+    return logits, logits.float().argmax(-1)
+
+
+class StepRunner:
+    """``runner(ids (B,)) → logits (B, V)`` advancing `cache` in place: `model.step` — compiled with
+    `torch.compile` (fused norms / rotary / state updates: a few kernels per layer instead of dozens) and
+    replayed from a CUDA graph captured on this cache (static input/output buffers; the returned logits
+    are overwritten by the next call). ``greedy_step(ids)`` → the argmax tokens (B,), computed inside
+    the graph.
+
+    Capture runs warm-up steps, so it must happen before the cache is filled: the cache is zeroed
+    afterwards. use_cuda_graph, compile: True, False or "auto" (= on CUDA); a failing compile falls back
+    to the eager step, a failing "auto" capture to eager steps, each with a warning."""
+
+    def __init__(self, model, cache, batch_size: int, use_cuda_graph: Union[bool, str] = "auto",
+                 compile: Union[bool, str] = "auto"):
+        self.model, self.cache = model, cache
+        device = next(model.parameters()).device
+        self.ids = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.prog = GraphedProgram(_step_program, (model, self.ids, cache), device=device,
+                                   use_cuda_graph=use_cuda_graph, compile=compile, what="model.step",
+                                   post=_with_argmax, dynamic_cache=cache, dynamic_tensors=(self.ids,))
+        if self.prog.touched:
+            zero_(cache)
+
+    @property
+    def graph(self):
+        return self.prog.graph
+
+    @property
+    def compiled(self) -> bool:
+        return self.prog.compiled
+
+    @torch.no_grad()
+    def __call__(self, ids: Tensor) -> Tensor:
+        if self.prog.graph is None:
+            return self.prog.fn(self.model, ids, self.cache)
+        self.ids.copy_(ids)
+        return self.prog()[0]
+
+    @torch.no_grad()
+    def greedy_step(self, ids: Tensor) -> Tensor:
+        """Step `ids` and return the argmax tokens (B,) (a static buffer when replaying a graph)."""
+        if self.prog.graph is None:
+            return self(ids).float().argmax(-1)
+        self.ids.copy_(ids)
+        return self.prog()[1]
 
 
 # ---------------------------------------------------------------------------- generate
@@ -272,8 +437,8 @@ def generate(model, prompts, max_new_tokens: int = 64, *, draft=None, num_draft_
              temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              repetition_penalty: float = 1.0, eos_token_id=None, stop: Optional[Sequence[str]] = None,
              seed: Optional[int] = None, tokenizer=None, stream: Optional[StreamFn] = None,
-             use_cuda_graph: Union[bool, str] = "auto", prefill_chunk: int = 2048, check_every: int = 16,
-             state_dtype=torch.float32) -> GenerationResult:
+             use_cuda_graph: Union[bool, str] = "auto", compile: Union[bool, str] = "auto",
+             prefill_chunk: int = 2048, check_every: int = 16, state_dtype=torch.float32) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens for each prompt with a `HybridLM` (any mixer mix).
 
     prompts: a list of token-id lists (different lengths welcome) or of strings (with `tokenizer`), or
@@ -283,7 +448,9 @@ def generate(model, prompts, max_new_tokens: int = 64, *, draft=None, num_draft_
     repetition_penalty as in HF. eos_token_id: int or ints (default: the tokenizer's EOS); stop: strings
     that end a row (needs a tokenizer; the text is cut before them). seed: seeds the sampler's
     `torch.Generator` (reproducible). stream(row, new_ids, new_text) is called as tokens become final
-    (forces a host sync per token). use_cuda_graph: "auto" = on CUDA.
+    (forces a host sync per token). use_cuda_graph / compile: "auto" = on CUDA — the decode step (and the
+    speculative verifier) are `torch.compile`d and replayed from CUDA graphs (see `StepRunner`); compile
+    falls back to eager with a warning, and HYBRIDIZE_COMPILE=0 turns it off.
 
     Returns a `GenerationResult` (tokens, texts, finish_reasons, stats)."""
     params = SamplingParams(temperature, top_k or None, top_p, repetition_penalty)
@@ -309,10 +476,10 @@ def generate(model, prompts, max_new_tokens: int = 64, *, draft=None, num_draft_
 
         stats = speculative_generate(model, draft, ids, out, params, gen, num_draft_tokens=num_draft_tokens,
                                      prefill_chunk=prefill_chunk, state_dtype=state_dtype,
-                                     use_cuda_graph=use_cuda_graph)
+                                     use_cuda_graph=use_cuda_graph, compile=compile)
     else:
         stats = _decode(model, ids, out, params, gen, prefill_chunk=prefill_chunk, check_every=check_every,
-                        state_dtype=state_dtype, use_cuda_graph=use_cuda_graph)
+                        state_dtype=state_dtype, use_cuda_graph=use_cuda_graph, compile=compile)
     texts = [out.text(b) for b in range(len(ids))] if tokenizer is not None else None
     return GenerationResult(tokens=out.tokens, texts=texts, finish_reasons=out.reason, prompt_tokens=ids,
                             stats=stats)
@@ -327,12 +494,12 @@ def _seen_mask(ids: list, V: int, device) -> Tensor:
 
 
 def _decode(model, ids: list, out: _Outputs, params: SamplingParams, gen, *, prefill_chunk: int,
-            check_every: int, state_dtype, use_cuda_graph) -> GenerationStats:
+            check_every: int, state_dtype, use_cuda_graph, compile="auto") -> GenerationStats:
     device = next(model.parameters()).device
     B, N = len(ids), out.max_new
     max_seqlen = max(len(p) for p in ids) + N
     cache = alloc_cache(model, B, max_seqlen, state_dtype=state_dtype, device=device)
-    runner = StepRunner(model, cache, B, use_cuda_graph)     # captures now, on the empty cache
+    runner = StepRunner(model, cache, B, use_cuda_graph, compile)   # compiles + captures now, on the empty cache
 
     _sync(device)
     t0 = time.perf_counter()
@@ -346,9 +513,12 @@ def _decode(model, ids: list, out: _Outputs, params: SamplingParams, gen, *, pre
     every = 1 if out.stream is not None else (check_every if (out.eos or out.stop) else max(N, 1))
     buf = torch.empty(B, N, dtype=torch.long, device=device)
     steps, flushed = 0, 0
+    greedy = params.greedy and seen is None           # argmax inside the graph
     while steps < N and not out.all_done:
-        logits = runner(tok)
-        tok = sample(logits, params, gen, seen)
+        if greedy:
+            tok = runner.greedy_step(tok)
+        else:
+            tok = sample(runner(tok), params, gen, seen)
         buf[:, steps] = tok
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
@@ -365,4 +535,5 @@ def _decode(model, ids: list, out: _Outputs, params: SamplingParams, gen, *, pre
     return GenerationStats(batch_size=B, prompt_tokens=sum(len(p) for p in ids), new_tokens=new,
                            prefill_s=t1 - t0, decode_s=dec, steps=steps,
                            tokens_per_s=new / dec if dec > 0 else 0.0,
-                           ms_per_step=1e3 * dec / max(steps, 1), cuda_graph=runner.graph is not None)
+                           ms_per_step=1e3 * dec / max(steps, 1), cuda_graph=runner.graph is not None,
+                           compiled=runner.compiled)

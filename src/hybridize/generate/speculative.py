@@ -8,7 +8,8 @@ One round, for all rows at once (K = num_draft_tokens, T = K + 1):
 1. Draft: K + 1 `step`s on x0, d_1 … d_K, drawing d_{s+1} ~ q_s (the last step only consumes d_K so that
    a row that keeps all K drafts needs no catch-up). A `StepHistory` records the draft's recurrent
    states and KV lengths after every step. The draft steps are CUDA-graph replays on GPU.
-2. Verify: one target ``forward`` over [x0, d_1 … d_K] with the cache → p_0 … p_K.
+2. Verify: the target consumes [x0, d_1 … d_K] in place (`Verifier.verify`: a fixed-T pass compiled and
+   replayed from a CUDA graph on GPU, no host sync) → p_0 … p_K.
 3. Accept (per row): d_s with probability min(1, p_{s-1}(d_s) / q_{s-1}(d_s)); j = leading accepts; the
    correction token is drawn from norm(max(0, p_j − q_j)) if j < K, else from p_K (bonus token). The
    output distribution is exactly the target's. Greedy: d_s accepted iff it is argmax p_{s-1}, the
@@ -21,29 +22,37 @@ One round, for all rows at once (K = num_draft_tokens, T = K + 1):
      tokens that are back inside the window after the rollback. The alternative, snapshotting the ring,
      copies the whole ring every round; T extra slots cost T × (KV bytes per token) once.
    * draft recurrent layers: restore the state recorded after n_b steps (`StepHistory.rewind_`).
-   * target recurrent layers, Algorithm 2's idea: keep the state at the last verified token (the state
-     object before verification — forward reassigns state tensors instead of writing into them, so
-     this "snapshot" is free) plus the mixer's inputs for the T verified positions (captured by a
-     forward pre-hook). Rows that accepted everything (n = T) keep the verification's final state;
-     the others restart from the snapshot and re-run the mixer alone (not the model) on their first n
-     cached inputs: one ``mixer.forward`` per distinct n among those rows.
-   Cost of this (naive, unfused) version per round: K + 1 draft steps, one target forward over T
-   tokens, and for partially accepted rows a second pass of the target's recurrent mixers over ≤ K
-   tokens (Algorithm 2 fuses that pass into the next round's kernel); one host sync per round to read
-   the acceptance counts. The target's verification runs eagerly (its attention forward reallocates
-   the KV cache, which a CUDA graph cannot replay).
+   * target (`Verifier.commit`, in place, fixed shapes, graph replay): attention ``lengths -= T - n``;
+     recurrent layers take the state recorded after n_b tokens during verification (verification
+     steps their recurrence token by token and keeps T + 1 states: (T + 1) × the recurrent state size).
+   Cost per round: K + 1 draft steps (graph replays), one target pass over T tokens in which every
+   weight matrix is read once (attention / MLP / Mamba-2 projections on all T tokens; other recurrent
+   mixers step T times), the acceptance math, and one host sync to read the emitted tokens.
+
+`verify_forward` / `commit_` are the earlier, forward-based verification (reassigning the states; kept for
+callers that want the model's ``forward`` numerics): one ``forward`` over T tokens, and a rollback that
+re-runs the recurrent mixers of partially accepted rows (one host sync, one pass per distinct n).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 from torch import Tensor
 
-from hybridize.generate.cache_ops import StepHistory, alloc_cache, assign_rows, is_kv, select_rows
-from hybridize.generate.engine import GenerationStats, StepRunner, _seen_mask, _sync, prefill_
+from hybridize.generate.cache_ops import (
+    StepHistory,
+    _fields,
+    alloc_cache,
+    assign_rows,
+    is_kv,
+    select_rows,
+    zero_,
+)
+from hybridize.generate.engine import GenerationStats, GraphedProgram, StepRunner, _seen_mask, _sync, prefill_
 from hybridize.generate.sampling import SamplingParams, draw, probs_from_logits
 
 
@@ -116,6 +125,129 @@ def commit_(model, cache, ctx: VerifyContext, n: Tensor, n_host: list) -> None:
             assign_rows(st, rows, sub)
 
 
+# ---------------------------------------------------------------------------- fixed-T verification
+def _mamba2_fast_ok(mixer, state) -> bool:
+    """Whether `_mamba2_tokens` can run this mixer (a `Mamba2Mixer` with the attributes it uses)."""
+    if type(mixer).__name__ != "Mamba2Mixer" or set(_fields(state)) != {"conv", "ssm"} \
+            or getattr(mixer, "d_conv", 0) < 2:
+        return False
+    need = ("in_proj", "d_inner", "conv_dim", "nheads", "d_conv", "_conv_weight", "conv1d", "_split_xbc", "_A",
+            "_D", "dt_bias", "dt_limit", "norm", "out_proj")
+    return all(hasattr(mixer, a) for a in need)
+
+
+def _mamba2_tokens(mixer, u: Tensor, st, bufs: dict) -> Tensor:
+    """`Mamba2Mixer.step` over T tokens with the projections batched (in_proj / out_proj weights read once,
+    not T times) and the conv run as one causal conv from the cached conv state; the SSD recurrence steps
+    token by token, recording the state after each token in bufs["ssm"][t] (bufs["conv"][t]: the conv
+    state after t tokens, a window of [conv state, inputs])."""
+    from hybridize.ops import conv1d as conv_ops
+    from hybridize.ops import ssd as ssd_ops
+
+    B, T, _ = u.shape
+    z, xbc, dt = torch.split(mixer.in_proj(u), [mixer.d_inner, mixer.conv_dim, mixer.nheads], dim=-1)
+    W1 = mixer.d_conv - 1
+    conv_in = torch.cat([st.conv, xbc.transpose(1, 2).to(st.conv.dtype)], dim=-1)     # (B, C, W-1+T)
+    bufs["conv"].copy_(conv_in.unfold(-1, W1, 1).permute(2, 0, 1, 3))              # (T+1, B, C, W-1)
+    xc = conv_ops.causal_conv1d(xbc, mixer._conv_weight(), mixer.conv1d.bias, initial_state=st.conv,
+                                activation="silu")
+    st.conv.copy_(conv_in[..., T:])
+    xh, Bm, Cm = mixer._split_xbc(xc)
+    A, Dp = mixer._A(), mixer._D()
+    bufs["ssm"][0].copy_(st.ssm)
+    ys = []
+    for t in range(T):
+        ys.append(ssd_ops.ssd_step(xh[:, t], dt[:, t], A, Bm[:, t], Cm[:, t], st.ssm, D=Dp,
+                                   dt_bias=mixer.dt_bias, dt_softplus=True, dt_limit=mixer.dt_limit))
+        bufs["ssm"][t + 1].copy_(st.ssm)
+    y = torch.stack(ys, 1)
+    return mixer.out_proj(mixer.norm(y.reshape(B, T, mixer.d_inner), z))
+
+
+def _recurrent_tokens(mixer, u: Tensor, st, bufs: dict) -> Tensor:
+    """Any recurrent mixer: T sequential `step`s, recording every state field after each token."""
+    for name, buf in bufs.items():
+        buf[0].copy_(getattr(st, name))
+    ys = []
+    for t in range(u.shape[1]):
+        ys.append(mixer.step(u[:, t], st))
+        for name, buf in bufs.items():
+            buf[t + 1].copy_(getattr(st, name))
+    return torch.stack(ys, 1)
+
+
+def _verify_program(model, ids: Tensor, cache, hist: list) -> Tensor:
+    """ids (B, T) → logits (B, T, V): the target consumes the T tokens of every row in place
+    (`HybridLM.step_tokens`), recurrent layers recording their states after each token into hist[i]."""
+    def mixer_tokens(i, mixer, u, st):
+        if hist[i] is None:                         # attention: one pass, rolled back via lengths
+            return mixer.step_tokens(u, st)
+        if _mamba2_fast_ok(mixer, st):
+            return _mamba2_tokens(mixer, u, st, hist[i])
+        return _recurrent_tokens(mixer, u, st, hist[i])
+    return model.step_tokens(ids, cache, mixer_tokens=mixer_tokens)
+
+
+def _commit_program(cache, hist: list, n: Tensor, T: int) -> None:
+    """Keep n[b] ∈ [0, T] of the T verified tokens of row b: KV lengths -= T - n, recurrent states ←
+    the recorded state after n[b] tokens. In place, fixed shapes, no host sync."""
+    rows = torch.arange(n.shape[0], device=n.device)
+    for st, bufs in zip(cache.states, hist):
+        if bufs is None:
+            st.lengths.sub_(T - n)
+        else:
+            for name, buf in bufs.items():
+                getattr(st, name).copy_(buf[n, rows])
+
+
+class Verifier:
+    """Fixed-T speculative verification on the target's cache, without host syncs:
+
+    * ``verify(tokens (B, T)) → logits (B, T, V)``: every row consumes its T tokens in place — attention
+      layers in one pass over the KV cache (`Attention.step_tokens`), MLPs and projections on all T
+      tokens at once (weights read once), recurrent layers stepping token by token and recording their
+      state after each token (Mamba-2: projections batched, see `_mamba2_tokens`);
+    * ``commit(n (B,))``: keep n[b] ∈ [0, T] tokens of row b (KV lengths, recorded states).
+
+    Both are `torch.compile`d and replayed from CUDA graphs on CUDA (`GraphedProgram`; static buffers:
+    the returned logits are overwritten by the next call). Built on the empty cache (warm-up runs are
+    undone by zeroing it). Memory: (T + 1) × the target's recurrent state."""
+
+    def __init__(self, model, cache, batch_size: int, T: int, use_cuda_graph: Union[bool, str] = "auto",
+                 compile: Union[bool, str] = "auto"):
+        self.model, self.cache, self.T = model, cache, T
+        device = next(model.parameters()).device
+        self.hist = [None if is_kv(st) else {name: getattr(st, name).new_zeros((T + 1, *getattr(st, name).shape))
+                                             for name in _fields(st)} for st in cache.states]
+        self.ids = torch.zeros(batch_size, T, dtype=torch.long, device=device)
+        self.n = torch.zeros(batch_size, dtype=torch.long, device=device)
+        kw = dict(device=device, use_cuda_graph=use_cuda_graph, compile=compile)
+        self._verify = GraphedProgram(_verify_program, (model, self.ids, cache, self.hist), what="verification",
+                                      dynamic_cache=cache, dynamic_tensors=(self.ids, self.n), **kw)
+        self._commit = GraphedProgram(_commit_program, (cache, self.hist, self.n, T), what="commit",
+                                      eager_first=False, **kw)
+        if self._verify.touched or self._commit.touched:
+            zero_(cache)
+
+    @property
+    def graphed(self) -> bool:
+        return self._verify.graph is not None
+
+    @property
+    def compiled(self) -> bool:
+        return self._verify.compiled
+
+    @torch.no_grad()
+    def verify(self, tokens: Tensor) -> Tensor:
+        self.ids.copy_(tokens)
+        return self._verify()
+
+    @torch.no_grad()
+    def commit(self, n: Tensor) -> None:
+        self.n.copy_(n)
+        self._commit()
+
+
 def _cumulative_seen(seen: Tensor, drafts: Tensor) -> Tensor:
     """seen (B, V), drafts (B, K) → (B, K + 1, V): position s has also seen d_1 … d_s."""
     K = drafts.shape[1]
@@ -129,8 +261,8 @@ def _cumulative_seen(seen: Tensor, drafts: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- the loop
 @torch.no_grad()
 def speculative_generate(target, draft, ids: list, out, params: SamplingParams, gen: torch.Generator, *,
-                         num_draft_tokens: int, prefill_chunk: int, state_dtype, use_cuda_graph
-                         ) -> GenerationStats:
+                         num_draft_tokens: int, prefill_chunk: int, state_dtype, use_cuda_graph,
+                         compile: Union[bool, str] = "auto") -> GenerationStats:
     """The speculative decode loop behind `hybridize.generate(..., draft=...)`; fills `out` (the
     engine's `_Outputs`) and returns the stats."""
     check_draft(target, draft)
@@ -144,7 +276,8 @@ def speculative_generate(target, draft, ids: list, out, params: SamplingParams, 
     max_seqlen = max(len(p) for p in ids) + N + 2 * T
     tcache = alloc_cache(target, B, max_seqlen, window_slack=T, state_dtype=state_dtype, device=device)
     dcache = alloc_cache(draft, B, max_seqlen, window_slack=T, state_dtype=state_dtype, device=device)
-    drunner = StepRunner(draft, dcache, B, use_cuda_graph)
+    drunner = StepRunner(draft, dcache, B, use_cuda_graph, compile)
+    verifier = Verifier(target, tcache, B, T, use_cuda_graph, compile)
     hist = StepHistory(dcache, T)
 
     _sync(device)
@@ -159,8 +292,11 @@ def speculative_generate(target, draft, ids: list, out, params: SamplingParams, 
     t1 = time.perf_counter()
 
     rounds = drafted = accepted = row_rounds = 0
+    active, active_dev = None, None
     while not out.all_done:
-        active = [not d for d in out.done]
+        if active != [not d for d in out.done]:
+            active = [not d for d in out.done]
+            active_dev = torch.tensor(active, device=device)
         # 1. draft K tokens (K + 1 steps), recording the draft's state after each step
         hist.record(0)
         tok, dseen, drafts, qs = x0, (seen.clone() if seen is not None else None), [], []
@@ -177,8 +313,8 @@ def speculative_generate(target, draft, ids: list, out, params: SamplingParams, 
                 dseen.scatter_(1, tok[:, None], True)
         D, Q = torch.stack(drafts, 1), torch.stack(qs, 1)                  # (B, K), (B, K, V)
 
-        # 2. verify x0, d_1 … d_K with the target
-        logits, ctx = verify_forward(target, torch.cat([x0[:, None], D], 1), tcache)
+        # 2. verify x0, d_1 … d_K with the target (fixed T, in place, graph replay on CUDA)
+        logits = verifier.verify(torch.cat([x0[:, None], D], 1))
         P = probs_from_logits(logits, params, _cumulative_seen(seen, D) if seen is not None else None)
 
         # 3. accept a prefix, then the correction / bonus token at position j
@@ -201,21 +337,20 @@ def speculative_generate(target, draft, ids: list, out, params: SamplingParams, 
             new = draw(resid, gen)
         em = torch.cat([D, D[:, :1]], 1).scatter(1, j[:, None], new[:, None])  # row b emits em[b, :j+1]
 
-        # 4. host: emitted tokens (the one sync per round), then roll both models back
-        em_h, j_h = em.tolist(), j.tolist()
-        n_h = []
-        for b in range(B):
-            if active[b]:
-                out.extend(b, em_h[b][:j_h[b] + 1])
-                drafted, accepted, row_rounds = drafted + K, accepted + j_h[b], row_rounds + 1
-            n_h.append(j_h[b] + 1 if active[b] else 0)
-        n = torch.tensor(n_h, device=device)
-        commit_(target, tcache, ctx, n, n_h)
+        # 4. roll both models back on the device (rows finished before this round keep n = 0: frozen),
+        #    then the one host sync of the round: the emitted tokens
+        n = torch.where(active_dev, j + 1, 0)
+        verifier.commit(n)
         hist.rewind_(n)
         x0 = torch.where(n > 0, new, x0)
         if seen is not None:
             keep = torch.arange(T, device=device)[None] < n[:, None]
             seen.scatter_(1, torch.where(keep, em, em[:, :1]), True)   # frozen rows' seen no longer matters
+        em_h, j_h = em.tolist(), j.tolist()
+        for b in range(B):
+            if active[b]:
+                out.extend(b, em_h[b][:j_h[b] + 1])
+                drafted, accepted, row_rounds = drafted + K, accepted + j_h[b], row_rounds + 1
         rounds += 1
     _sync(device)
     t2 = time.perf_counter()
@@ -224,7 +359,8 @@ def speculative_generate(target, draft, ids: list, out, params: SamplingParams, 
     return GenerationStats(
         batch_size=B, prompt_tokens=sum(len(p) for p in ids), new_tokens=new_tokens, prefill_s=t1 - t0,
         decode_s=dec, steps=rounds, tokens_per_s=new_tokens / dec if dec > 0 else 0.0,
-        ms_per_step=1e3 * dec / max(rounds, 1), cuda_graph=drunner.graph is not None,
+        ms_per_step=1e3 * dec / max(rounds, 1), cuda_graph=drunner.graph is not None and verifier.graphed,
+        compiled=drunner.compiled and verifier.compiled,
         num_draft_tokens=K, drafted=drafted, accepted=accepted,
         acceptance_rate=accepted / drafted if drafted else 0.0,
         mean_tokens_per_round=(accepted + row_rounds) / row_rounds if row_rounds else 0.0)
