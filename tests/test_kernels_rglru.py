@@ -6,7 +6,6 @@ before the kernels are decorated), so shapes stay small.
 import os
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,44 +26,7 @@ if not _CUDA and type(kern._rglru_fwd_kernel).__name__ != "InterpretedFunction":
                 allow_module_level=True)
 
 
-def _vectorised_interpreter_scan():
-    """The interpreter evaluates tl.associative_scan one element at a time in Python (~1 s per small
-    tile). Evaluate the combine function on whole slices along the scan axis instead — the same
-    sequential order, so the same results for element-wise combine functions like ours — which makes
-    these tests ~20x faster. Left alone if the interpreter's internals differ from what we expect."""
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except Exception:
-        return
-    scan_ops = getattr(interpreter, "ScanOps", None)
-    if scan_ops is None or not hasattr(scan_ops, "generic_scan") or getattr(scan_ops, "_hybridize", False):
-        return
-
-    def generic_scan(self, input):
-        datas = [arg.handle.data for arg in input]
-        ax, nd = self.axis, datas[0].ndim
-        at = lambda i: tuple(i if d == ax else slice(None) for d in range(nd))  # noqa: E731
-        outs = [np.empty_like(d) for d in datas]
-        acc = [d[at(0)] for d in datas]
-        for o, v in zip(outs, acc):
-            o[at(0)] = v
-        for i in range(1, datas[0].shape[ax]):
-            lhs = tuple(self.to_tensor(v, arg.dtype) for v, arg in zip(acc, input))
-            rhs = tuple(self.to_tensor(d[at(i)], arg.dtype) for d, arg in zip(datas, input))
-            ret = self.combine_fn.fn(*lhs, *rhs)
-            ret = ret if isinstance(ret, tuple) else (ret,)
-            acc = [r.handle.data if isinstance(r, tl.core.tensor) else r for r in ret]
-            for o, v in zip(outs, acc):
-                o[at(i)] = v
-        return [self.to_tensor(o, arg.dtype) for o, arg in zip(outs, input)]
-
-    scan_ops.generic_scan = generic_scan
-    scan_ops._hybridize = True
-
-
-if not _CUDA:
-    _vectorised_interpreter_scan()
+# the interpreter's tl.associative_scan is vectorised in tests/conftest.py
 
 
 def _inputs(B, L, C, init, rs, seed, dtype=torch.float32):
