@@ -5,7 +5,7 @@
 """
 from hybridize.api import CheckpointError, load  # noqa: F401
 from hybridize.config import ConfigError, HybridConfig, preset  # noqa: F401
-from hybridize.hf import HybridLMConfig, register_auto_classes
+from hybridize.hf import HybridLMConfig, register_auto_classes  # noqa: F401
 from hybridize.model import HybridCache, HybridLM  # noqa: F401
 
 register_auto_classes()
