@@ -51,19 +51,8 @@ SMOKE = False               # --smoke: tiny shapes on CPU under TRITON_INTERPRET
 
 
 # ------------------------------------------------------------------------------------------------ utils
-class Budget:
-    def __init__(self, seconds):
-        self.t0, self.seconds = time.time(), seconds
-
-    def left(self):
-        return self.seconds - (time.time() - self.t0)
-
-    def ok(self, need=0.0):
-        return self.left() > need
-
-
-def _err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+from _bench_utils import Budget  # noqa: E402
+from _bench_utils import err as _err  # noqa: E402
 
 
 def _bench(fn, rep=100):
