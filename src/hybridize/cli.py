@@ -143,6 +143,7 @@ PARSERS = [
     _train_commands,
     _lazy("hybridize.commands_generate", "add_generate_parser"),
     _lazy("hybridize.commands_eval", "add_eval_parser"),
+    _lazy("hybridize.commands_bench", "add_bench_parser"),
 ]
 
 

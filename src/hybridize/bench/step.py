@@ -23,7 +23,7 @@ Every section runs in its own try/except; the JSON (one dict) is rewritten after
 run cut short still leaves its numbers. ``--budget-s`` stops starting new work after that time.
 
 Usage (GPU machine, repo root):
-    source benchmarks/gpu_env.sh && python3 benchmarks/gpu_step.py --json-out $OUT/step_h100.json
+    source benchmarks/gpu_env.sh && python3 -m hybridize.bench.step --json-out $OUT/step_h100.json
 """
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ SMOKE = False               # --smoke: tiny shapes on CPU under TRITON_INTERPRET
 
 
 # ------------------------------------------------------------------------------------------------ utils
-from _bench_utils import Budget  # noqa: E402
-from _bench_utils import err as _err  # noqa: E402
+from hybridize.bench.utils import Budget  # noqa: E402
+from hybridize.bench.utils import err as _err  # noqa: E402
 
 
 def _bench(fn, rep=100):

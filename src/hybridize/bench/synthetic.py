@@ -12,8 +12,8 @@ Tiny 2-layer models (mixer-only blocks by default, --mlp-mult to add MLPs) train
 Every cell records its wall time; a global --time-budget skips the remaining cells (reported as skipped)
 so one command never runs past the device limit.
 
-    python benchmarks/gpu_synthetic.py --json-out $OUT/synthetic.json --plot-out $OUT/synthetic.png
-    python benchmarks/gpu_synthetic.py --quick --device cpu        # a one-minute smoke run of the script
+    python -m hybridize.bench.synthetic --json-out $OUT/synthetic.json --plot-out $OUT/synthetic.png
+    python -m hybridize.bench.synthetic --quick --device cpu        # a one-minute smoke run of the script
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@ Llama-style Transformer and its Mamba-2 hybrids, vs transformers' `generate` on 
 `LlamaForCausalLM` (static cache, SDPA), vs the HBM floor; plus the cost of verifying K tokens
 (speculative decoding, `Verifier`: fixed-K in-place pass, compiled + graph) relative to one step.
 
-    PYTHONPATH=src python benchmarks/gpu_decode.py --json-out results.json          # H100, ~6-10 min
-    PYTHONPATH=src python benchmarks/gpu_decode.py --quick --json-out /tmp/q.json    # CPU smoke test
+    PYTHONPATH=src python -m hybridize.bench.decode --json-out results.json          # H100, ~6-10 min
+    PYTHONPATH=src python -m hybridize.bench.decode --quick --json-out /tmp/q.json    # CPU smoke test
     ... --models llama-1b --batches 1 --contexts 0 --profile llama-1b:1:0         # top kernels of a step
 
 Compilation: each model compiles its step twice (batch 1, batch > 1: one graph serves every KV capacity)

@@ -21,7 +21,7 @@
 Every peer/section runs in its own try/except; the JSON (one dict) is rewritten after each section,
 so a run cut short still leaves its numbers. ``--budget-s`` stops starting new work after that time.
 
-Usage: python benchmarks/gpu_ssd.py --json-out results.json [--tune] [--lengths 512 2048]
+Usage: python -m hybridize.bench.ssd --json-out results.json [--tune] [--lengths 512 2048]
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ SMOKE = False             # --smoke: tiny shapes on CPU under TRITON_INTERPRET=1
 
 
 # ------------------------------------------------------------------------------------------------ utils
-from _bench_utils import Budget  # noqa: E402
-from _bench_utils import err as _err  # noqa: E402
+from hybridize.bench.utils import Budget  # noqa: E402
+from hybridize.bench.utils import err as _err  # noqa: E402
 
 
 def _bench(fn, grad_to_none=None):

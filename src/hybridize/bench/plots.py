@@ -1,6 +1,5 @@
-"""Plot committed GPU results: `python benchmarks/plot_results.py` → benchmarks/results/*.png.
-
-Reads ssd_h100.json (benchmarks/gpu_ssd.py) and decode_h100.json (benchmarks/gpu_decode.py)."""
+"""Plots of benchmark JSON: time vs sequence length per implementation (SSD), tokens/s vs context per
+model (decode). `python -m hybridize.bench.plots [DIR]` re-plots DIR (default benchmarks/results)."""
 from __future__ import annotations
 
 import json
@@ -11,12 +10,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+import sys  # noqa: E402
 
 
 def plot_ssd(path: Path, out: Path) -> None:
     d = json.loads(path.read_text())
-    rows = sorted((r for r in d["timings"].values() if "L" in r), key=lambda r: r["L"])
+    rows = sorted((r for r in d.get("timings", {}).values() if "L" in r), key=lambda r: r["L"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, suffix, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwd_bwd_ms", "forward + backward")):
         for impl, label in (("hybridize", "hybridize (Triton)"), ("mamba_ssm_chunk256", "mamba_ssm"),
@@ -31,7 +30,8 @@ def plot_ssd(path: Path, out: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("sequence length L (16384 tokens per call)")
         ax.set_ylabel("ms")
-        ax.set_title(f"SSD {title}, H=32 P=64 N=128 bf16, {d['env']['gpu'].replace('NVIDIA ', '')}")
+        device = str(d.get("env", {}).get("gpu", "cpu (smoke)")).replace("NVIDIA ", "")
+        ax.set_title(f"SSD {title}, H=32 P=64 N=128 bf16, {device}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -42,7 +42,7 @@ def plot_decode(path: Path, out: Path) -> None:
     d = json.loads(path.read_text())
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=False)
     models = []
-    for r in d["decode"]:
+    for r in d.get("decode", []):
         if r["model"] not in models:
             models.append(r["model"])
     for ax, batch in zip(axes, (1, 8, 64)):
@@ -63,9 +63,17 @@ def plot_decode(path: Path, out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def plot_dir(results: Path) -> list:
+    """Plot every known JSON in `results` next to it; returns the PNG paths written."""
+    written = []
+    for stem, fn in (("ssd", plot_ssd), ("decode", plot_decode)):
+        for path in sorted(results.glob(f"{stem}*.json")):
+            out = path.with_suffix(".png")
+            fn(path, out)
+            written.append(out)
+    return written
+
+
 if __name__ == "__main__":
-    if (RESULTS / "ssd_h100.json").exists():
-        plot_ssd(RESULTS / "ssd_h100.json", RESULTS / "ssd_h100.png")
-    if (RESULTS / "decode_h100.json").exists():
-        plot_decode(RESULTS / "decode_h100.json", RESULTS / "decode_h100.png")
-    print("plots written to", RESULTS)
+    d = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("benchmarks/results")
+    print("\n".join(str(p) for p in plot_dir(d)))
