@@ -51,7 +51,7 @@ SMOKE = False               # --smoke: tiny shapes on CPU under TRITON_INTERPRET
 
 
 # ------------------------------------------------------------------------------------------------ utils
-from hybridize.bench.utils import Budget  # noqa: E402
+from hybridize.bench.utils import Budget, import_mamba_ssm  # noqa: E402
 from hybridize.bench.utils import err as _err  # noqa: E402
 
 
@@ -97,24 +97,7 @@ def _env():
 
 
 def _import_mamba_ssu():
-    """mamba_ssm's Triton ``selective_state_update``. Its package __init__ imports the CUDA extensions;
-    when those are not built, load the pure-Triton submodule through a bare package stub."""
-    try:
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-        return selective_state_update
-    except Exception as first:
-        import importlib.util
-        import types
-        for k in [k for k in sys.modules if k == "mamba_ssm" or k.startswith("mamba_ssm.")]:
-            del sys.modules[k]
-        spec = importlib.util.find_spec("mamba_ssm")
-        if spec is None or not spec.submodule_search_locations:
-            raise first
-        pkg = types.ModuleType("mamba_ssm")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["mamba_ssm"] = pkg
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-        return selective_state_update
+    return import_mamba_ssm("ops.triton.selective_state_update", "selective_state_update")
 
 
 def _errs(got, want):

@@ -22,3 +22,25 @@ class Budget:
 def err(e: BaseException) -> str:
     """One-line description of an exception for the JSON."""
     return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def import_mamba_ssm(module: str, name: str):
+    """`from mamba_ssm.<module> import <name>` for mamba_ssm's pure-Triton ops. Its package __init__
+    imports the CUDA extensions; when those are not built, load the submodule through a bare package stub."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    try:
+        return getattr(importlib.import_module(f"mamba_ssm.{module}"), name)
+    except Exception as first:
+        for k in [k for k in sys.modules if k == "mamba_ssm" or k.startswith("mamba_ssm.")]:
+            del sys.modules[k]
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or not spec.submodule_search_locations:
+            raise first
+        pkg = types.ModuleType("mamba_ssm")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["mamba_ssm"] = pkg
+        return getattr(importlib.import_module(f"mamba_ssm.{module}"), name)
