@@ -123,7 +123,9 @@ def hf_llama(model: HybridLM, device, dtype):
     return ref.to(dtype=dtype).eval()
 
 
-def bench_hf(ref, batch, context, args, device) -> dict:
+def bench_hf(ref, batch, context, args, device, *, static_cache=True) -> dict:
+    """transformers' `generate` (greedy) on `ref`: an equivalent LlamaForCausalLM (static cache, SDPA), or
+    with static_cache=False a HybridLM itself (its GenerationMixin path: HybridCache, eager forward)."""
     from transformers import GenerationConfig
 
     V = ref.config.vocab_size
@@ -132,14 +134,15 @@ def bench_hf(ref, batch, context, args, device) -> dict:
     extra = {}
     if "prefill_chunk_size" in GenerationConfig().__dict__ and context > args.prefill_chunk:
         extra["prefill_chunk_size"] = args.prefill_chunk
+    if static_cache:
+        extra.update(cache_implementation="static", disable_compile=not args.hf_compile)
 
     def run(n, x=ids):
         sync(device)
         t = time.perf_counter()
         with torch.no_grad():
             out = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, cache_implementation="static", disable_compile=not args.hf_compile,
-                               pad_token_id=0, **extra)
+                               do_sample=False, pad_token_id=0, **extra)
         sync(device)
         assert out.shape[1] == x.shape[1] + n
         return time.perf_counter() - t
@@ -147,9 +150,11 @@ def bench_hf(ref, batch, context, args, device) -> dict:
     run(2, ids[:, :2])                         # warm-up (allocator, cuBLAS; compile when enabled)
     t1, tn = run(1), run(args.new_tokens + 1)
     ms = 1e3 * (tn - t1) / args.new_tokens
-    return {"model": "transformers.LlamaForCausalLM", "batch": batch, "context": context,
-            "new_tokens": args.new_tokens, "ms_per_token": ms, "tokens_per_s": 1e3 * batch / ms,
-            "mode": f"generate, static cache, sdpa, {'torch.compile' if args.hf_compile else 'eager'}"}
+    mode = (f"generate, static cache, sdpa, {'torch.compile' if args.hf_compile else 'eager'}" if static_cache
+            else "generate (transformers' GenerationMixin on the HybridLM: HybridCache, eager)")
+    return {"model": "transformers.LlamaForCausalLM" if static_cache else f"transformers.generate:{args._name}",
+            "batch": batch, "context": context, "new_tokens": args.new_tokens, "ms_per_token": ms,
+            "tokens_per_s": 1e3 * batch / ms, "mode": mode}
 
 
 # ---------------------------------------------------------------------------- verification cost
@@ -247,6 +252,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default="", help="MODEL:BATCH:CONTEXT[,...]: print the top CUDA kernels of a "
                    "graph-replayed decode step")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--hf-hybrid", default="", help="MODEL:BATCH:CONTEXT[,...]: also time transformers' own "
+                   "`generate` on that HybridLM (GenerationMixin path), to compare with this engine")
     p.add_argument("--hf-compile", action="store_true", help="let HF's generate torch.compile the static-cache "
                    "forward (compiles once per batch/context: slow)")
     p.add_argument("--hbm-bw", type=float, default=3.35e12, help="HBM bytes/s for the floor (H100 SXM)")
@@ -336,6 +343,17 @@ def main(argv=None) -> int:
                         line(r)
                 save()
         ref = None
+        for spec in [x for x in args.hf_hybrid.split(",") if x]:
+            hm, hb, hc = spec.split(":")
+            if hm != name:
+                continue
+            args._name = name
+            r = attempt({"model": name, "stage": "hf_generate_hybrid", "batch": int(hb), "context": int(hc)}, 0,
+                        functools.partial(bench_hf, static_cache=False), model, int(hb), int(hc), args, device)
+            if r:
+                report["hf_generate"].append(r)
+                line(r)
+            save()
         if name == args.verify_model:
             for ctx in [int(x) for x in args.verify_contexts.split(",")]:
                 for B in [int(x) for x in args.verify_batches.split(",")]:
