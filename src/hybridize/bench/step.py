@@ -44,7 +44,7 @@ import torch
 HBM_BW = 3.35e12            # H100 SXM HBM3, bytes/s
 SSD = dict(B=64, H=80, P=64, N=128, G=1)
 MAMBA1 = dict(B=64, C=5120, N=16)
-RGLRU = dict(B=64, C=2560)
+RGLRU_SHAPES = [(64, 2560), (1024, 2560)]
 SCAN = dict(B=8, L=2048, C=1536, N=16)
 KS = list(range(1, 9))
 DEVICE = "cuda"
@@ -478,32 +478,36 @@ def time_mamba1_step(results, save, budget):
 
 
 def time_rglru_step(results, save, budget):
+    """At decode batch 64 (a few µs: launch-bound even in a graph) and at batch 1024 (bandwidth-bound)."""
     from hybridize.ops.rglru.triton import rglru_step_triton
-    out = results.setdefault("rglru_step", {"shape": dict(RGLRU), "dtype": "float32"})
-    B, C = RGLRU["B"], RGLRU["C"]
-    g = _gen(10)
-    x, a = torch.randn(B, C, device=DEVICE, generator=g), torch.rand(B, C, device=DEVICE, generator=g)
-    state = torch.randn(B, C, device=DEVICE, generator=g)
-    out["hbm_floor_ms"] = B * C * 4 * 5 / HBM_BW * 1e3          # read x, a, state; write h, state
-    ours = _timed(out, "hybridize", lambda: rglru_step_triton(x, a, state))
-    # every rotating call gets its own x, a and state (all three are per-layer in a decode step)
-    trip = [(x.clone(), a.clone(), state.clone()) for _ in range(1 if SMOKE else
-                                                                 max(2, min(512, math.ceil(L2_SPAN / (3 * x.nbytes)))))]
-    ours_rot = _timed_rot(out, "hybridize", lambda i: (lambda xi, ai, si: lambda: rglru_step_triton(xi, ai, si))(
-        *trip[i % len(trip)]), 3 * x.nbytes)
-    if ours_rot:
-        out["hybridize_rot_vs_floor"] = ours_rot / out["hbm_floor_ms"]
-    trip.clear()
+    out = results.setdefault("rglru_step", {"dtype": "float32"})
+    for B, C in RGLRU_SHAPES:
+        if not budget.ok(10):
+            break
+        rec = out.setdefault(f"B{B}_C{C}", {"shape": {"B": B, "C": C}})
+        g = _gen(10)
+        x, a = torch.randn(B, C, device=DEVICE, generator=g), torch.rand(B, C, device=DEVICE, generator=g)
+        state = torch.randn(B, C, device=DEVICE, generator=g)
+        rec["hbm_floor_ms"] = B * C * 4 * 5 / HBM_BW * 1e3          # read x, a, state; write h, state
+        ours = _timed(rec, "hybridize", lambda: rglru_step_triton(x, a, state))
+        # every rotating call gets its own x, a and state (all three are per-layer in a decode step)
+        n = 1 if SMOKE else max(2, min(512, math.ceil(L2_SPAN / (3 * x.nbytes))))
+        trip = [(x.clone(), a.clone(), state.clone()) for _ in range(n)]
+        ours_rot = _timed_rot(rec, "hybridize", lambda i: (lambda xi, ai, si: lambda: rglru_step_triton(
+            xi, ai, si))(*trip[i % n]), 3 * x.nbytes)
+        trip.clear()
 
-    def eager():
-        h = a * state + x
-        state.copy_(h)
-        return h
-    _timed(out, "eager", eager, graph=False)
-    if ours:
-        out["hybridize_vs_floor"] = ours / out["hbm_floor_ms"]
-    print(f"[rglru_step] {out}", flush=True)
-    save()
+        def eager():
+            h = a * state + x
+            state.copy_(h)
+            return h
+        _timed(rec, "eager", eager, graph=False)
+        if ours:
+            rec["hybridize_vs_floor"] = ours / rec["hbm_floor_ms"]
+        if ours_rot:
+            rec["hybridize_rot_vs_floor"] = ours_rot / rec["hbm_floor_ms"]
+        print(f"[rglru_step] {rec}", flush=True)
+        save()
 
 
 def time_scan(results, save, budget):
@@ -556,6 +560,8 @@ def tune(results, save, budget):
                lambda: (lambda: ks.ssd_step_triton(*t.values(), state, **kw)), ks.TUNE,
                [("step_tile_bytes", [4096, 8192, 32768, 65536]), ("step_warps", [2, 4, 8, 16]),
                 ("evict_first", [False])], floor)
+    if budget.ok(40):
+        _tune_mamba1_step(results, save, budget)
     if budget.ok(30):
         state = _state(B, H, P, N, torch.float32)
         tk, kwK = _ssd_inputs(**SSD, K=4, seed=4)
@@ -567,16 +573,55 @@ def tune(results, save, budget):
                _ssd_floor_bytes(B, H, P, N, G, 4, K=8) / HBM_BW * 1e3)
 
 
+def _tune_mamba1_step(results, save, budget):
+    """Grid over the Mamba-1 step's launch knobs, timed with rotating states (the kernel is ~10 µs: a
+    flushed-L2 do_bench would mostly measure the launch)."""
+    from hybridize.ops.selective_scan import triton_step as ms
+    B, C, N = MAMBA1["B"], MAMBA1["C"], MAMBA1["N"]
+    g = _gen(12)
+    r = lambda *s: torch.randn(*s, device=DEVICE, generator=g)  # noqa: E731
+    u, delta, A = r(B, C).to(ACT), (r(B, C) * 0.5 - 1).to(ACT), -torch.exp(r(C, N) * 0.5)
+    Bm, Cm, z, bias = (r(B, N) / 4).to(ACT), (r(B, N) / 4).to(ACT), r(B, C).to(ACT), r(C) * 0.3
+    D = torch.ones(C, device=DEVICE)
+    default = dict(ms.TUNE)
+    for sdt in (torch.float32, torch.bfloat16):
+        states = [(r(B, C, N) * 0.1).to(sdt)]
+        nb = states[0].numel() * states[0].element_size()
+        n = max(2, min(512, math.ceil(L2_SPAN / nb)))
+        states += [states[0].clone() for _ in range(n - 1)]
+        log = []
+        try:
+            for tile in (1024, 2048, 4096, 8192):
+                for warps in (2, 4, 8):
+                    if not budget.ok(15):
+                        break
+                    ms.TUNE.update(tile=tile, warps=warps)
+                    t = _bench_rotating(lambda i: (lambda s: lambda: ms.selective_scan_step_triton(
+                        u, delta, A, Bm, Cm, s, D=D, z=z, delta_bias=bias, delta_softplus=True))(states[i]), nb)
+                    log.append({"tile": tile, "warps": warps, "rot_ms": t})
+        finally:
+            ms.TUNE.clear()
+            ms.TUNE.update(default)
+        best = min((x for x in log if x["rot_ms"]), key=lambda x: x["rot_ms"], default=None)
+        e = ACT.itemsize
+        floor = (2 * nb + C * N * 4 + B * C * e * 4 + 2 * B * N * e) / HBM_BW * 1e3
+        name = f"selective_scan_step_{str(sdt).split('.')[-1]}_state"
+        results.setdefault("tuning", {})[name] = {"best": best, "floor_ms": floor, "default": default, "log": log,
+                                                  "best_vs_floor": best["rot_ms"] / floor if best else None}
+        print(f"[tune] {name}: best {best} (floor {floor:.4f} ms)", flush=True)
+        save()
+
+
 # ------------------------------------------------------------------------------------------------ main
 def _enter_smoke_mode():
     """Exercise this script on a CPU: Triton interpreter, tiny shapes, one timed call instead of
     do_bench. The numbers mean nothing."""
-    global SMOKE, DEVICE, SSD, MAMBA1, RGLRU, SCAN, KS, ACT
+    global SMOKE, DEVICE, SSD, MAMBA1, RGLRU_SHAPES, SCAN, KS, ACT
     os.environ.setdefault("TRITON_INTERPRET", "1")
     SMOKE, DEVICE, ACT = True, "cpu", torch.float16
     SSD = dict(B=2, H=3, P=8, N=16, G=1)
     MAMBA1 = dict(B=2, C=16, N=4)
-    RGLRU = dict(B=2, C=16)
+    RGLRU_SHAPES = [(2, 16)]
     SCAN = dict(B=1, L=20, C=8, N=4)
     KS = [1, 3]
 
