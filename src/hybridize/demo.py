@@ -70,13 +70,13 @@ class DemoConfig:
 DEMO_EXCLUDED = ("encodings/", "pydoc_data/")
 
 
-def demo_corpus():
-    """The stdlib corpus without DEMO_EXCLUDED (5 % of the files held out, split by file)."""
+def demo_corpus(heldout_fraction: float = 0.05):
+    """The stdlib corpus without DEMO_EXCLUDED (`heldout_fraction` of the files held out, split by file)."""
     from hybridize.data import Corpus, stdlib_corpus
 
     c = stdlib_corpus()
     return Corpus("stdlib-code", [s for s in c.shards if not s.name.startswith(DEMO_EXCLUDED)],
-                  heldout_fraction=0.05)
+                  heldout_fraction=heldout_fraction)
 
 
 def choose_threads(requested: Optional[int] = None) -> int:
@@ -93,29 +93,44 @@ def choose_threads(requested: Optional[int] = None) -> int:
     return max(1, min(n, free))
 
 
-def _teacher_config(c: DemoConfig, tokenizer):
+def llama_teacher_config(tokenizer, *, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
+                         ffn: int, max_position_embeddings: int, name: str = "demo-teacher",
+                         tie_embeddings: bool = False):
+    """A Llama-style teacher (GQA attention with RoPE, SwiGLU MLP) over `tokenizer`'s vocabulary and
+    special tokens; head_dim = hidden_size / num_heads."""
     from hybridize.config import AttentionConfig, HybridConfig, MLPConfig
 
-    vocab = len(tokenizer)
     return HybridConfig(
-        vocab_size=vocab, hidden_size=c.hidden_size, layer_pattern=["attention"] * c.num_layers,
-        mlp=MLPConfig(c.ffn), attention=AttentionConfig(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-                                                       head_dim=c.hidden_size // c.num_heads,
-                                                       max_position_embeddings=4 * c.seq_len),
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, name="demo-teacher").validate()
+        vocab_size=len(tokenizer), hidden_size=hidden_size, layer_pattern=["attention"] * num_layers,
+        mlp=MLPConfig(ffn), attention=AttentionConfig(num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                                     head_dim=hidden_size // num_heads,
+                                                     max_position_embeddings=max_position_embeddings),
+        tie_embeddings=tie_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, name=name).validate()
+
+
+def _teacher_config(c: DemoConfig, tokenizer):
+    return llama_teacher_config(tokenizer, hidden_size=c.hidden_size, num_layers=c.num_layers,
+                                num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, ffn=c.ffn,
+                                max_position_embeddings=4 * c.seq_len)
+
+
+def tokenizer_from_texts(texts, vocab_size: int, max_chars: int, save_dir=None):
+    """A byte-level BPE trained on the first documents of `texts` (strings) up to `max_chars` characters."""
+    from hybridize.data import train_bpe_tokenizer
+
+    picked, n = [], 0
+    for doc in texts:
+        picked.append(doc)
+        n += len(doc)
+        if n >= max_chars:
+            break
+    return train_bpe_tokenizer(picked, vocab_size, save_dir=save_dir)
 
 
 def _tokenizer(c: DemoConfig, out: Path):
-    from hybridize.data import train_bpe_tokenizer
-
-    texts, n = [], 0
-    for doc in demo_corpus().with_split("train"):
-        texts.append(doc)
-        n += len(doc)
-        if n >= c.tokenizer_chars:
-            break
-    return train_bpe_tokenizer(texts, c.vocab_size, save_dir=out / "tokenizer")
+    return tokenizer_from_texts(demo_corpus().with_split("train"), c.vocab_size, c.tokenizer_chars,
+                                save_dir=out / "tokenizer")
 
 
 def _memory(model, contexts) -> dict:
@@ -147,7 +162,7 @@ def run_demo(c: DemoConfig, log: Callable[[str], None] = print) -> dict:
     from hybridize.model import HybridLM
 
     t_start = time.perf_counter()
-    _quiet_transformers()
+    quiet_transformers()
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = choose_threads(c.threads)
@@ -246,7 +261,7 @@ def run_demo(c: DemoConfig, log: Callable[[str], None] = print) -> dict:
     return metrics
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """No 'Writing model shards' bars from save_pretrained between our own progress lines."""
     try:
         from transformers.utils import logging as hf_logging
@@ -350,4 +365,5 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-__all__ = ["DemoConfig", "run_demo", "choose_threads", "report_lines", "plot_demo"]
+__all__ = ["DemoConfig", "run_demo", "choose_threads", "report_lines", "plot_demo", "demo_corpus",
+           "llama_teacher_config", "tokenizer_from_texts", "quiet_transformers"]
