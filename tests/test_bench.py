@@ -19,3 +19,56 @@ def test_bench_plot_rejects_nothing_and_lists(tmp_path, capsys):
     assert main(["bench", "plot", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "decode_x.png").exists()
     assert "decode_x.png" in capsys.readouterr().out
+
+
+def test_bench_quality_quick(tmp_path, capsys):
+    """Every phase of the distillation quality study on CPU (tiny sizes): the JSON holds each phase's
+    measurements as finite numbers, the saved teacher (bf16 shards) can be reused by a second run."""
+    import math
+
+    from hybridize.bench import quality
+
+    teacher_dir = tmp_path / "teacher"
+    assert main(["bench", "quality", "--smoke", "--out", str(tmp_path),
+                 "--suite-args", f"--phases all --save-teacher {teacher_dir}"]) == 0
+    r = json.loads((tmp_path / "quality.json").read_text())
+    assert r["finished"] and not r.get("skipped") and not r.get("errors")
+    assert r["command"].startswith("python -m hybridize.bench.quality")
+    assert r["env"]["torch"] and "triton" in r["env"] and r["phases"] == list(quality.PHASES)
+
+    def finite(*xs):
+        return all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
+
+    t = r["teacher"]
+    assert finite(t["heldout"]["ppl"], t["tokens"], t["steps"], t["lr"], t["wall_s"]) and t["tokens"] > 0
+    for shape in r["throughput"]["shapes"]:
+        assert finite(shape["teacher_finetune"]["tokens_per_s"], shape["student_kl_mixers"]["tokens_per_s"],
+                      shape["student_kl_mixers_vs_finetune"])
+    runs = r["fractions"]["runs"]
+    assert set(runs) == {"0.5", "0.25", "0.125", "0"}
+    for rec in runs.values():
+        assert finite(rec["ppl_ratio"], rec["distilled"]["kl"], rec["converted"]["ppl"], rec["tokens"])
+        assert rec["tokens"] == r["fractions"]["tokens_per_run"] and rec["curve"][0]["tokens"] == 0
+    assert runs["0.5"]["layer_pattern"].count("attention") == 4
+    assert runs["0"]["layer_pattern"].count("attention") == 0
+    var = r["init"]["variants"]
+    assert {"attention:identity", "random:default"} <= set(var)
+    assert len({v["tokens"] for v in var.values()}) == 1 and all(finite(v["ppl_ratio"]) for v in var.values())
+    mh = r["mohawk"]["runs"]
+    assert [s["kind"] for s in mh["stages_1_2_3"]["stages"]] == ["mohawk1", "mohawk2", "mohawk3"]
+    assert mh["stages_1_2_3"]["tokens"] == mh["stage_3_only"]["tokens"] == r["mohawk"]["total_tokens"]
+    ex = r["extrapolation"]["models"]
+    assert set(ex) == {"teacher", "hawk", "griffin", "hybrid50"}
+    assert all(finite(*(x["ppl"] for x in m["lengths"])) for m in ex.values())
+    assert set(r["checks"]) >= {"attn0.5_ppl_ratio_le_1.1", "attention_init_beats_random",
+                                "mohawk_stages_1_2_then_3_beat_3_alone"}
+    assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    saved = t["saved"]
+    assert saved["num_files"] <= 6 and saved["largest_file_bytes"] < 15_000_000
+
+    out = tmp_path / "reuse.json"
+    assert quality.main(["--quick", "--teacher", str(teacher_dir), "--phases", "throughput",
+                         "--json-out", str(out), "--no-plot"]) == 0
+    r2 = json.loads(out.read_text())
+    assert r2["teacher"]["source"] == str(teacher_dir) and r2["teacher"]["meta"]["tokens"] == t["tokens"]
+    assert finite(r2["teacher"]["heldout"]["ppl"]) and "fractions" not in r2

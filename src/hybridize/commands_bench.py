@@ -1,4 +1,5 @@
-"""`hybridize bench kernels|ssd|step|decode|synthetic|plot`: run a benchmark suite, write JSON (+ PNG)."""
+"""`hybridize bench kernels|ssd|step|decode|synthetic|quality|plot`: run a benchmark suite, write JSON
+(+ PNG)."""
 from __future__ import annotations
 
 import importlib
@@ -6,7 +7,7 @@ import shlex
 from pathlib import Path
 
 SUITES = {"ssd": "hybridize.bench.ssd", "step": "hybridize.bench.step", "decode": "hybridize.bench.decode",
-          "synthetic": "hybridize.bench.synthetic"}
+          "synthetic": "hybridize.bench.synthetic", "quality": "hybridize.bench.quality"}
 
 
 def _run_suite(name: str, argv: list) -> int:
@@ -28,22 +29,26 @@ def cmd_bench(args) -> int:
         rc = _run_suite("ssd", ["--json-out", str(out / "ssd.json"), *smoke, *extra])
         rc |= _run_suite("step", ["--json-out", str(out / "step.json"), *smoke, *extra])
     else:
-        if args.smoke and args.suite == "decode":
+        if args.smoke and args.suite in ("decode", "quality"):
             smoke = ["--quick"]
-        rc = _run_suite(args.suite, ["--json-out", str(out / f"{args.suite}.json"), *smoke, *extra])
+        plot = ["--no-plot"] if args.suite == "quality" else []      # plot_dir below draws it
+        rc = _run_suite(args.suite, ["--json-out", str(out / f"{args.suite}.json"), *plot, *smoke, *extra])
     for p in plot_dir(out):
         print("plot:", p)
     return rc
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: kernels vs peers and the HBM floor, decode throughput",
+    p = sub.add_parser("bench", help="benchmarks: kernels vs peers and the HBM floor, decode throughput, "
+                                     "distillation quality",
                        description="Run a benchmark suite on the GPU and write JSON (and PNG plots) to --out. "
                                    "kernels = ssd + step; each suite takes its own flags through --suite-args "
                                    "(e.g. `hybridize bench ssd --suite-args '--lengths 2048 16384'`; see "
                                    "`python -m hybridize.bench.ssd --help`). Peers (mamba_ssm, fla) are optional "
-                                   "imports.")
-    p.add_argument("suite", choices=["kernels", "ssd", "step", "decode", "synthetic", "plot"])
+                                   "imports. quality = the distillation quality study (teacher pretraining, "
+                                   "attention fractions, init and MOHAWK ablations, throughput; see "
+                                   "`python -m hybridize.bench.quality --help`).")
+    p.add_argument("suite", choices=["kernels", "ssd", "step", "decode", "synthetic", "quality", "plot"])
     p.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on CPU (TRITON_INTERPRET=1): checks the suite runs, measures nothing")
