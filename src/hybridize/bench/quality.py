@@ -695,27 +695,34 @@ class Study:
             return convert(frozen, mixer=mixer, attention_fraction=fraction, seed=c.seed,
                            conv_init="identity")
 
-        out["teacher"] = step_s(copy.deepcopy(teacher), lm_loss_fn, "all")
-        fracs = set(c.fractions) if "fractions" in ph else set()
-        if ph_any(ph, "init", "extrapolation", "throughput"):
-            fracs.add(0.5)
-        for f in sorted(fracs):
+        def fraction(f):
             s = student(c.mixer, f)
             loss = stage_loss(StageConfig(kind="kl"), s, frozen)
             out[f"kl@{f}"] = step_s(s, loss, "mixers")
             out[f"e2e@{f}"] = step_s(s, loss, "all")
-        if "mohawk" in ph:
+
+        def mohawk():
             s = student(c.mohawk_mixer, c.mohawk_fraction)
             for kind in ("mohawk1", "mohawk2", "mohawk3"):
                 out[kind] = step_s(s, stage_loss(StageConfig(kind=kind), s, frozen),
                                    StageConfig(kind=kind).trainable_or_default)
+
+        def recurrent(fam):
+            m = HybridLM(recurrent_config(fam, teacher.cfg, c)).to(self.device)
+            out[fam] = step_s(m, lm_loss_fn, "all")
+
+        out["teacher"] = step_s(copy.deepcopy(teacher), lm_loss_fn, "all")
+        fracs = set(c.fractions) if "fractions" in ph else set()
+        if ph_any(ph, "init", "extrapolation", "throughput"):
+            fracs.add(0.5)
+        todo = [(f"kl@{f}", lambda f=f: fraction(f)) for f in sorted(fracs)]
+        todo += [("mohawk", mohawk)] if "mohawk" in ph else []
         if "extrapolation" in ph:
-            for fam in ("hawk", "griffin"):
-                m = HybridLM(recurrent_config(fam, teacher.cfg, c)).to(self.device)
-                out[fam] = step_s(m, lm_loss_fn, "all")
-        s = student(c.mixer, 0.5)
+            todo += [(fam, lambda fam=fam: recurrent(fam)) for fam in ("hawk", "griffin")]
+        for name, fn in todo:
+            self.guarded(out, name, fn)
         e0 = time.perf_counter()
-        evaluate(s, self.data.evals, c.dtype, frozen)
+        evaluate(frozen, self.data.evals, c.dtype, frozen)   # two forwards, as a student + teacher evaluation
         out["eval_full"] = time.perf_counter() - e0
         ncurve = sum(len(v) for v in self.data.curve.values())
         out["eval_curve"] = out["eval_full"] * ncurve / sum(len(v) for v in self.data.evals.values())
@@ -727,6 +734,25 @@ class Study:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return out
+
+    def guarded(self, out: dict, name: str, fn: Callable) -> None:
+        """Run one calibration; a failure (e.g. out of memory) is recorded under out["errors"] and only the
+        phase that needs this timing fails later, not the whole study."""
+        from hybridize.bench.utils import err
+
+        try:
+            fn()
+        except Exception as e:
+            traceback.print_exc()
+            out.setdefault("errors", {})[name] = err(e)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def need(self, *keys: str) -> None:
+        """Stop a phase whose step timings are missing, naming the calibration error."""
+        missing = [k for k in keys if k not in self.calib]
+        if missing:
+            raise RuntimeError(f"no calibration for {missing}: {self.calib.get('errors', {})}")
 
     def run_cost(self) -> float:
         """Fixed evaluation seconds of one run (two full evaluations + the learning-curve points)."""
@@ -813,6 +839,7 @@ class Study:
 
     def phase_fractions(self) -> None:
         c = self.cfg
+        self.need(*(f"{k}@{f}" for f in c.fractions for k in ("kl", "e2e")))
         per = sum((1 - c.e2e_fraction) * self.calib[f"kl@{f}"] + c.e2e_fraction * self.calib[f"e2e@{f}"]
                   for f in c.fractions)
         fixed = len(c.fractions) * self.run_cost()
@@ -841,6 +868,7 @@ class Study:
         same settings is reused when its step count fits."""
         c = self.cfg
         variants = [tuple(v.split(":")) for v in c.init_variants]
+        self.need("kl@0.5", "e2e@0.5")
         per = (1 - c.e2e_fraction) * self.calib["kl@0.5"] + c.e2e_fraction * self.calib["e2e@0.5"]
         allow = self.allowance("init")
         reuse = self.students.get("0.5")
@@ -874,6 +902,7 @@ class Study:
         c = self.cfg
         s1, s2 = c.mohawk_split
         cal = self.calib
+        self.need("mohawk1", "mohawk2", "mohawk3")
         per = (s1 * cal["mohawk1"] + s2 * cal["mohawk2"] + (1 - s1 - s2) * cal["mohawk3"]) + cal["mohawk3"]
         allow = self.allowance("mohawk")
         steps = self.fit_steps(allow, per, 2 * self.run_cost(), c.distill_max_epochs)
@@ -900,6 +929,7 @@ class Study:
         c, t = self.cfg, self.results["teacher"]
         want = t.get("steps") or (t.get("meta", {}).get("tokens", 0) // (c.batch_size * c.seq_len))
         hybrid = self.students.get("0.5")
+        self.need("hawk", "griffin", *(() if hybrid else ("kl@0.5",)))
         per = self.calib["hawk"] + self.calib["griffin"]
         # evaluation: 4 models × every length over the same tokens, at the calibrated forward speed (×2 for
         # the longer windows); plus the pretraining runs' own evaluations
