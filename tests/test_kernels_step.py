@@ -5,6 +5,8 @@ Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, s
 modules are imported), so shapes stay small; odd P / N (not powers of two) exercise the masks.
 bf16 states are compared with a bf16 tolerance (the kernel rounds once, like the reference, but the
 interpreter's fp32 → bf16 conversion may differ from torch's by one ulp).
+`gpu` tests: real decode shapes (batch 64, 80 heads, P = 64, N = 128; Mamba-1 d_inner 2048-4096,
+d_state 16 / 64) in fp32 and bf16 against the fp32 reference.
 """
 import os
 
@@ -205,3 +207,115 @@ def test_selective_scan_step_custom_op_registration():
     torch.library.opcheck(torch.ops.hybridize.selective_scan_step,
                           (t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["state"].clone(), kw["D"], kw["z"],
                            kw["delta_bias"], True))
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+# Real decode shapes: the kernel on its native dtypes against the fp32 reference run on the same (rounded)
+# inputs and an fp32 copy of the same state. Expected differences:
+# * fp32: only the summation order over N (y) and the exp implementation — ~1e-6 relative, so a relative
+#   max error (normalised by the largest |value|) of 1e-4 leaves a 100x margin and still catches any
+#   wrong index, mask or stride (those give O(1) errors);
+# * bf16 outputs / states: one rounding at the store, <= 2^-9 relative per element (RMS ~1e-3); the
+#   relative Frobenius error must stay <= 1e-2.
+def _rel(got, want):
+    g, w = got.float(), want.float()
+    fro = ((g - w).norm() / w.norm().clamp_min(1e-12)).item()
+    mx = ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
+    return fro, mx
+
+
+def _assert_real(name, got, want, low_precision):
+    fro, mx = _rel(got, want)
+    if low_precision:
+        assert fro <= 1e-2, f"{name}: relative Frobenius error {fro:.3g} > 1e-2 (max {mx:.3g})"
+    else:
+        assert mx <= 1e-4, f"{name}: relative max error {mx:.3g} > 1e-4 (Frobenius {fro:.3g})"
+
+
+_SSD_REAL = {
+    # Mamba-2 decode (the issue's target shape): tied per-head decay A (H,), one group, D (H,), dt bias
+    "mamba2": dict(B=64, H=80, G=1, P=64, N=128, D="h", bias=True, softplus=True),
+    # ngroups > 1, per-channel D, z gate, dt limits
+    "mamba2_groups_gate": dict(B=32, H=64, G=8, P=64, N=128, D="hp", z=True, bias=True, softplus=True,
+                               limit=(0.001, 0.5)),
+    # discrete Mamba-2 (Phi-Mamba / Llamba): input-dependent log decay, no A, z gate
+    "discrete_mamba2": dict(B=64, H=32, G=8, P=64, N=64, log_decay=True, D="h", z=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(_SSD_REAL))
+def test_gpu_ssd_step_real_shape(case, dtype, state_dtype):
+    c = dict(_SSD_REAL[case])
+    softplus, limit = c.pop("softplus", False), c.pop("limit", (0.0, float("inf")))
+    t, kw = _ssd_inputs(**c, state_dtype=state_dtype)
+    t = {k: (v.to(dtype) if k in ("x", "Bm", "Cm") else v) for k, v in t.items()}
+    kw = {k: (v.to(dtype) if k == "z" and v is not None else v) for k, v in kw.items()}
+    args = (t["x"], t["dt"], t["A"], t["Bm"], t["Cm"])
+    state = t["state"].clone()
+    y = kern.ssd_step_triton(*args, state, **kw, dt_softplus=softplus, dt_limit=limit)
+    f32 = lambda v: v.float() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    s_ref = t["state"].float()
+    y_ref = ssd_ref.ssd_step(*map(f32, args), s_ref, **{k: f32(v) for k, v in kw.items()},
+                             dt_softplus=softplus, dt_limit=limit)
+    assert y.dtype == dtype and state.dtype == state_dtype
+    _assert_real("y", y, y_ref, dtype != torch.float32)
+    _assert_real("state", state, s_ref, state_dtype != torch.float32)
+
+
+_SS_REAL = {
+    # Mamba-1 (d_inner 4096, d_state 16, B/C shared by all channels)
+    "mamba1_4096": dict(B=64, C=4096, N=16, G=None),
+    # Mamba-1 in the Llama layout: B/C per head (32 heads of 64 channels), d_state 64
+    "mil_2048_n64": dict(B=64, C=2048, N=64, G=32),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(_SS_REAL))
+def test_gpu_selective_scan_step_real_shape(case, dtype, state_dtype):
+    t, kw = _ss_inputs(**_SS_REAL[case], state_dtype=state_dtype)
+    t = {k: (v.to(dtype) if k in ("u", "delta", "Bm", "Cm") else v) for k, v in t.items()}
+    kw = {k: (v.to(dtype) if k == "z" else v) for k, v in kw.items()}
+    args = (t["u"], t["delta"], t["A"], t["Bm"], t["Cm"])
+    state = t["state"].clone()
+    y = ss_kern.selective_scan_step_triton(*args, state, delta_softplus=True, **kw)
+    s_ref = t["state"].float()
+    y_ref = ss_ref.selective_scan_step(*(a.float() for a in args), s_ref, delta_softplus=True,
+                                       **{k: (v.float() if v is not None else None) for k, v in kw.items()})
+    assert y.dtype == dtype and state.dtype == state_dtype
+    _assert_real("y", y, y_ref, dtype != torch.float32)
+    _assert_real("state", state, s_ref, state_dtype != torch.float32)
+
+
+_MANY_STEPS = (8, 64, 80, 1, 64, 128)          # B, L, H, G, P, N
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_ssd_step_many_steps_real_shape(state_dtype):
+    """64 kernel steps at B=8, H=80, P=64, N=128 reproduce the fp32 recurrent scan. A bf16 state is
+    rounded after every step (as the reference ssd_step does), so its error grows like sqrt(steps) · 2^-9:
+    relative Frobenius <= 3e-2 there; fp32 <= 1e-4 (relative max)."""
+    B, L, H, G, P, N = _MANY_STEPS
+    gen = torch.Generator().manual_seed(5)
+    mk = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    x, dt, Bm, Cm = mk(B, L, H, P), mk(B, L, H), mk(B, L, G, N), mk(B, L, G, N)
+    A, D, bias = (-torch.rand(H, generator=gen) * 2 - 0.1).to(DEVICE), mk(H), mk(H) * 0.5 - 1.0
+    kw = dict(D=D, dt_bias=bias, dt_softplus=True)
+    y_ref, final = ssd_ref.ssd_recurrent(x, dt, A, Bm, Cm, return_final_state=True, **kw)
+    state = torch.zeros(B, H, P, N, device=DEVICE, dtype=state_dtype)
+    ys = torch.stack([kern.ssd_step_triton(x[:, t], dt[:, t], A, Bm[:, t], Cm[:, t], state, **kw)
+                      for t in range(L)], 1)
+    if state_dtype == torch.float32:
+        for name, g, w in (("y", ys, y_ref), ("state", state, final)):
+            mx = _rel(g, w)[1]
+            assert mx <= 1e-4, f"{name}: relative max error {mx:.3g}"
+    else:
+        for name, g, w in (("y", ys, y_ref), ("state", state, final)):
+            fro = _rel(g, w)[0]
+            assert fro <= 3e-2, f"{name}: relative Frobenius error {fro:.3g}"

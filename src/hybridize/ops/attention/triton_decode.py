@@ -234,11 +234,15 @@ def decode_kernel_ok(q: Tensor, k_cache: Tensor, n_rep: int) -> bool:
     if P > _KERNEL_MAX_P or q.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
             or k_cache.dtype != q.dtype:
         return False
+    # the dispatch rule first: a configuration that passed its self-check must not bypass
+    # HYBRIDIZE_KERNELS=0 (or run CPU tensors through the interpreter once the variable is unset)
+    if not use_kernels(q, k_cache):
+        return False
     key = (str(q.device), q.dtype, P, n_rep)
     ok = _KERNEL_OK.get(key)
     if ok is not None:
         return ok
-    if torch.compiler.is_compiling() or not use_kernels(q, k_cache):
+    if torch.compiler.is_compiling():
         return False
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
