@@ -315,6 +315,36 @@ def test_gpu_torch_compile_fullgraph(entry):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
+def test_known_bad_tiles_go_to_the_reference():
+    """The CUDA guard (ops.ssd.known_bad_tile) covers exactly the measured failures, nothing on CPU."""
+    bad = ssd_ops.known_bad_tile
+    assert bad(32, 64, torch.bfloat16, "cuda") and bad(16, 64, torch.float16, "cuda") and bad(32, 48, torch.bfloat16, "cuda")
+    assert not bad(32, 64, torch.float32, "cuda") and not bad(32, 64, torch.bfloat16, "cpu")
+    assert not bad(64, 64, torch.bfloat16, "cuda") and not bad(32, 128, torch.bfloat16, "cuda")
+    assert not bad(32, 16, torch.bfloat16, "cuda")
+    x = torch.zeros(1, 4, 2, 32, dtype=torch.bfloat16)
+    assert ssd_ops._kernel_ok(x, torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16))     # CPU: not guarded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("P", "N"), [(32, 64), (16, 64), (32, 16), (32, 128), (64, 64)])
+def test_gpu_small_head_tiles(P, N):
+    """bf16, B=8, L=128, H=4 through the dispatch (what the layers call): right on both sides of the
+    known_bad_tile line — guarded shapes via the reference, the others via the kernels."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=DEVICE, generator=gen)  # noqa: E731
+    B, L, H = 8, 128, 4
+    x, z, dt = r(B, L, H, P).bfloat16(), r(B, L, H, P).bfloat16(), r(B, L, H).bfloat16()
+    Bm, Cm = r(B, L, 1, N).bfloat16(), r(B, L, 1, N).bfloat16()
+    A, D, bias = -torch.rand(H, device=DEVICE, generator=gen) - 0.5, r(H), r(H)
+    kw = dict(chunk_size=64, D=D, z=z, dt_bias=bias, dt_softplus=True)
+    y = ssd_ops.ssd_chunked(x, dt, A, Bm, Cm, **kw)
+    want = ref.ssd_chunked(x.float(), dt.float(), A, Bm.float(), Cm.float(), **{**kw, "z": z.float()})
+    assert torch.isfinite(y).all()
+    rel = ((y.float() - want).norm() / want.norm()).item()
+    assert rel < 2e-2, rel
+
+
 @pytest.mark.gpu
 def test_gpu_int64_offsets():
     """B·L·H·P > 2^31 (x alone 4.3 GB in bf16): the last document (after a seq_idx boundary) must
