@@ -52,9 +52,14 @@ def plot_decode(path: Path, out: Path) -> None:
                          if r["model"] == m and r["batch"] == batch)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m)
-        hf = sorted((r["context"], r["tokens_per_s"]) for r in d.get("hf_generate", []) if r["batch"] == batch)
+        hf_rows = [r for r in d.get("hf_generate", []) if r["batch"] == batch]
+        hf = sorted((r["context"], r["tokens_per_s"]) for r in hf_rows if r["model"] == "transformers.LlamaForCausalLM")
         if hf:
             ax.plot(*zip(*hf), "k:", marker="x", label="transformers generate (llama-1b)")
+        for r in hf_rows:       # transformers' generate on a HybridLM itself (bench decode --hf-hybrid)
+            if r["model"].startswith("transformers.generate:"):
+                ax.plot([r["context"]], [r["tokens_per_s"]], "r", marker="+", ls="none", markersize=10,
+                        label=f"transformers generate ({r['model'].split(':', 1)[1]})")
         ax.set_title(f"decode, batch {batch}, bf16")
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("tokens / s")
