@@ -21,6 +21,7 @@ if not _CUDA:
 
 pytest.importorskip("triton")
 
+from _tolerances import compare_grads  # noqa: E402
 from hybridize.ops import ssd as ssd_ops
 from hybridize.ops.ssd import reference as ref
 from hybridize.ops.ssd import triton as kern
@@ -264,15 +265,7 @@ _REDUCED = {"dA", "dD", "ddt_bias", "dlog_decay"}
 
 
 def _compare_real(got, want, dtype):
-    for k in want:
-        w, g = want[k].float(), got[k].float()
-        rel_fro = ((g - w).norm() / w.norm().clamp_min(1e-12)).item()
-        rel_max = ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
-        if dtype == torch.float32:
-            assert rel_max <= 1e-3, f"{k}: relative max error {rel_max:.3g}"
-        else:
-            tol = 5e-2 if k in _REDUCED else 2e-2
-            assert rel_fro <= tol, f"{k}: relative Frobenius error {rel_fro:.3g} > {tol} (max {rel_max:.3g})"
+    compare_grads(got, want, dtype, _REDUCED)
 
 
 @pytest.mark.gpu

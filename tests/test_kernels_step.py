@@ -217,19 +217,8 @@ def test_selective_scan_step_custom_op_registration():
 #   wrong index, mask or stride (those give O(1) errors);
 # * bf16 outputs / states: one rounding at the store, <= 2^-9 relative per element (RMS ~1e-3); the
 #   relative Frobenius error must stay <= 1e-2.
-def _rel(got, want):
-    g, w = got.float(), want.float()
-    fro = ((g - w).norm() / w.norm().clamp_min(1e-12)).item()
-    mx = ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
-    return fro, mx
-
-
-def _assert_real(name, got, want, low_precision):
-    fro, mx = _rel(got, want)
-    if low_precision:
-        assert fro <= 1e-2, f"{name}: relative Frobenius error {fro:.3g} > 1e-2 (max {mx:.3g})"
-    else:
-        assert mx <= 1e-4, f"{name}: relative max error {mx:.3g} > 1e-4 (Frobenius {fro:.3g})"
+from _tolerances import assert_real as _assert_real  # noqa: E402
+from _tolerances import rel_errors as _rel  # noqa: E402
 
 
 _SSD_REAL = {

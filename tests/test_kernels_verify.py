@@ -212,19 +212,8 @@ def test_custom_op_registration():
 # registers too: fp32 differs by summation order only (relative max error <= 1e-4, ~100x the expected
 # ~1e-6); bf16 outputs / stored states are rounded once (<= 2^-9 per element): relative Frobenius <= 1e-2
 # (measured under the interpreter: ~5e-4 for outputs after a bf16 state's advance).
-def _rel(got, want):
-    g, w = got.float(), want.float()
-    fro = ((g - w).norm() / w.norm().clamp_min(1e-12)).item()
-    mx = ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
-    return fro, mx
-
-
-def _assert_real(name, got, want, low_precision):
-    fro, mx = _rel(got, want)
-    if low_precision:
-        assert fro <= 1e-2, f"{name}: relative Frobenius error {fro:.3g} > 1e-2 (max {mx:.3g})"
-    else:
-        assert mx <= 1e-4, f"{name}: relative max error {mx:.3g} > 1e-4 (Frobenius {fro:.3g})"
+from _tolerances import assert_real as _assert_real  # noqa: E402
+from _tolerances import rel_errors as _rel  # noqa: E402
 
 
 _REAL = {

@@ -421,6 +421,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _seconds_per_call(fn: Callable, *, steps: int, warmup: int, device: torch.device) -> float:
+    """Mean wall seconds of fn() over `steps` calls after `warmup`, synchronising the device around."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
 def time_steps(model, loss_fn: Callable, batch: dict, *, trainable: str, steps: int, warmup: int,
                dtype: str) -> dict:
     """Seconds per training step of `model` (changed in place: pass a copy) on one fixed batch: autocast
@@ -447,14 +459,7 @@ def time_steps(model, loss_fn: Callable, batch: dict, *, trainable: str, steps: 
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for _ in range(warmup):
-        one()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one()
-    _sync(dev)
-    s = (time.perf_counter() - t0) / steps
+    s = _seconds_per_call(one, steps=steps, warmup=warmup, device=dev)
     tokens = int(batch["input_ids"].numel())
     return {"s_per_step": s, "ms_per_step": 1e3 * s, "tokens_per_s": tokens / s, "steps": steps,
             "warmup": warmup, "tokens_per_step": tokens,
@@ -470,14 +475,7 @@ def time_forward(model, batch: dict, *, steps: int, warmup: int, dtype: str) -> 
         with amp(dev, dtype):
             model(batch["input_ids"], seq_idx=batch["seq_idx"], output_hidden_states=True, logits_to_keep=1)
 
-    for _ in range(warmup):
-        one()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one()
-    _sync(dev)
-    s = (time.perf_counter() - t0) / steps
+    s = _seconds_per_call(one, steps=steps, warmup=warmup, device=dev)
     return {"ms_per_step": 1e3 * s, "tokens_per_s": batch["input_ids"].numel() / s}
 
 
