@@ -410,6 +410,8 @@ def test_algorithm2_triton_verify_kernel_in_speculative_decoding(monkeypatch):
                        mamba2=Mamba2Config(d_state=8, headdim=8, expand=1, chunk_size=8),
                        discrete_mamba2=DiscreteMamba2Config(d_state=8, n_qk_heads=1, n_v_heads=2,
                                                             chunk_size=8))
+    if torch.cuda.is_available():       # forced kernels need CUDA tensors when there is no interpreter
+        model = model.cuda()
     prompts = prompts_for(model, lens=(3, 5))
     plain = generate(model, prompts, max_new_tokens=5)
     spy.calls = spy.keyed = adv.calls = 0
