@@ -294,3 +294,204 @@ def test_stdlib_corpus_loads_and_splits_deterministically(tok):
     assert isinstance(first, str) and first == (root / he[0]).read_text(encoding="utf-8", errors="replace")
     b = next(PackedStream(held, tok, seq_len=64, batch_size=2, seed=0))
     check_row_invariants(b)
+
+
+# ---------------------------------------------------------------------------- assistant-only loss (SFT)
+BODY = "{{ m['content'] }}<|eos|>"
+GEN_BODY = ("{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|eos|>{% endgeneration %}"
+            "{% else %}{{ m['content'] }}<|eos|>{% endif %}")
+# DEFAULT_CHAT_TEMPLATE with {% generation %} markers around the assistant content
+GEN_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n" + GEN_BODY + "\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+# not prefix-stable: the last message is rendered differently from the earlier ones
+LAST_MARKED = "{% for m in messages %}{% if loop.last %}<|last|>{% endif %}<|{{ m['role'] }}|>\n" + BODY + \
+    "\n{% endfor %}"
+# renders only conversations that end with the assistant
+ENDS_WITH_ASSISTANT = ("{% if messages[-1]['role'] != 'assistant' %}{{ raise_exception('end with the "
+                       "assistant') }}{% endif %}{% for m in messages %}<|{{ m['role'] }}|>\n" + BODY +
+                       "\n{% endfor %}")
+CHAT = [{"role": "system", "content": "be brief"},
+        {"role": "user", "content": "alpha beta?"},
+        {"role": "assistant", "content": "gamma delta."},
+        {"role": "user", "content": "and epsilon zeta?"},
+        {"role": "assistant", "content": " eta\ntheta iota "}]
+
+
+def _with_template(tok, template):
+    t = train_bpe_tokenizer(random_texts(200, seed=1) + ["def f(x):\n    return x\n"], vocab_size=300,
+                            chat_template=template)
+    assert t.get_vocab() == tok.get_vocab()          # same training data → same vocabulary
+    return t
+
+
+class _SlowView:
+    """The tokenizer seen as a slow one (no offsets): the token-prefix fallback."""
+    is_fast = False
+
+    def __init__(self, t):
+        self._t = t
+
+    def __call__(self, *a, **k):
+        assert not k.get("return_offsets_mapping")
+        return self._t(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
+def _masked_runs(tok, ids, mask):
+    """Decoded runs of consecutive masked tokens."""
+    runs, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+@pytest.mark.parametrize("how", ["prefix", "generation", "no-offsets"])
+def test_assistant_mask_covers_exactly_the_assistant_turns(tok, how):
+    from hybridize.data import encode_chat_with_mask, encode_document_with_mask
+
+    t = _with_template(tok, GEN_TEMPLATE) if how == "generation" else tok
+    if how == "no-offsets":
+        t = _SlowView(t)
+    ids, mask = encode_chat_with_mask(CHAT, t)
+    assert ids == encode_document({"messages": CHAT}, t)      # the same tokens as without the mask
+    assert len(mask) == len(ids)
+    # content and end-of-turn token of each assistant turn; no system / user turn, no role header
+    assert _masked_runs(tok, ids, mask) == [m["content"] + "<|eos|>" for m in CHAT if m["role"] == "assistant"]
+    assert encode_document_with_mask({"messages": CHAT}, t) == (ids, mask)
+    assert encode_document_with_mask("alpha beta", t) == (encode_document("alpha beta", t), None)
+    # a template whose generation prompt is not the assistant header: the content is still found
+    odd = _with_template(tok, DEFAULT_GEN_PROMPT_ODD)
+    ids, mask = encode_chat_with_mask(CHAT, odd)
+    assert _masked_runs(tok, ids, mask) == [m["content"] + "<|eos|>" for m in CHAT if m["role"] == "assistant"]
+
+
+DEFAULT_GEN_PROMPT_ODD = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n<|pad|>{% endif %}")
+
+
+@pytest.mark.parametrize("template, match", [
+    (LAST_MARKED, "not prefix-stable: rendering the first 3 of 5 messages"),
+    (ENDS_WITH_ASSISTANT, "cannot render the first 2 message.*end with the assistant"),
+], ids=["last-turn-marked", "ends-with-assistant-only"])
+def test_assistant_mask_errors_on_templates_it_cannot_split(tok, template, match):
+    from hybridize.data import encode_chat_with_mask
+
+    t = _with_template(tok, template)
+    encode_document({"messages": CHAT}, t)                     # the template itself renders the chat
+    with pytest.raises(TokenizerError, match=match) as e:
+        encode_chat_with_mask(CHAT, t)
+    assert "{% generation %}" in str(e.value) and "assistant_only_loss = false" in str(e.value)
+    # the advice works: with generation markers the same template needs no prefix stability
+    marked = _with_template(tok, template.replace(BODY, GEN_BODY))
+    ids, mask = encode_chat_with_mask(CHAT, marked)
+    assert _masked_runs(tok, ids, mask) == [m["content"] + "<|eos|>" for m in CHAT if m["role"] == "assistant"]
+
+
+def _chat_docs():
+    rng = random.Random(5)
+    docs = []
+    for i in range(9):
+        msgs = [{"role": "system", "content": "sys " + random_texts(1, seed=i, hi=4)[0]}] if i % 3 == 0 else []
+        for j in range(rng.randint(1, 3)):
+            msgs.append({"role": "user", "content": random_texts(1, seed=100 * i + j, hi=12)[0]})
+            msgs.append({"role": "assistant", "content": random_texts(1, seed=100 * i + j + 50, hi=12)[0]})
+        docs.append({"messages": msgs})
+    docs.insert(4, "plain text: " + random_texts(1, seed=77)[0])
+    docs.insert(7, {"messages": [{"role": "user", "content": "no answer"}]})    # no assistant token
+    return docs
+
+
+def test_assistant_mask_survives_packing_across_boundaries(tok):
+    from hybridize.data import encode_document_with_mask
+
+    docs = _chat_docs()
+    enc = [encode_document_with_mask(d, tok) for d in docs]
+    kept = [(ids, m) for ids, m in enc if m is None or any(m)]       # the answerless chat is skipped
+    assert len(kept) == len(docs) - 1
+    flat_ids = [t for ids, _ in kept for t in ids]
+    flat_tgt = [bool(x) for ids, m in kept for x in (m if m is not None else [True] * len(ids))]
+    for L in (7, 24, 61):
+        stream = PackedStream(list_corpus(docs), tok, seq_len=L, batch_size=2, shuffle=False, epochs=1,
+                              drop_last=False, assistant_only_loss=None)
+        batches = list(stream)
+        assert stream.skipped_no_assistant >= 1
+        ids = torch.cat([b["input_ids"] for b in batches]).flatten()
+        labels = torch.cat([b["labels"] for b in batches]).flatten()
+        seq = torch.cat([b["seq_idx"] for b in batches])
+        for b in batches:
+            check_row_invariants(b)
+        n = len(flat_ids)
+        assert ids[:n].tolist() == flat_ids                       # packing unchanged: same tokens, same order
+        starts = torch.ones_like(seq, dtype=torch.bool)
+        starts[:, 1:] = seq[:, 1:] != seq[:, :-1]
+        starts = starts.flatten()
+        expect = [t if (tg and not s) else IGNORE_INDEX for t, tg, s in zip(flat_ids, flat_tgt, starts[:n])]
+        assert labels[:n].tolist() == expect
+        assert (labels[n:] == IGNORE_INDEX).all()                 # padding
+        # pack_documents with the same masks gives the same rows
+        packed = pack_documents([k[0] for k in kept], L, drop_last=False, masks=[k[1] for k in kept])
+        assert torch.equal(packed["labels"].flatten(), labels[: packed["labels"].numel()])
+    # one row per document: the targets decode to the assistant turns, the plain text keeps all its tokens
+    stream = PackedStream(list_corpus(docs), tok, seq_len=4096, batch_size=1, shuffle=False, epochs=1,
+                          drop_last=False, assistant_only_loss=None)
+    row = next(stream)
+    for d in range(len(kept)):
+        sel = (row["seq_idx"][0] == d) & (row["labels"][0] != IGNORE_INDEX)
+        text = tok.decode(row["labels"][0][sel].tolist())
+        src = [x for x in docs if not (isinstance(x, dict) and len(x["messages"]) == 1)][d]
+        if isinstance(src, str):
+            assert text == tok.decode(encode_document(src, tok)[1:])
+        else:
+            assert text == "".join(m["content"] + "<|eos|>" for m in src["messages"] if m["role"] == "assistant")
+
+
+def test_assistant_only_loss_modes(tok):
+    docs = _chat_docs()
+
+    def first(flag, d=docs):
+        return next(PackedStream(list_corpus(d), tok, seq_len=4096, batch_size=1, shuffle=False, epochs=1,
+                                 drop_last=False, assistant_only_loss=flag))
+
+    plain = next(PackedStream(list_corpus(docs), tok, seq_len=4096, batch_size=1, shuffle=False, epochs=1,
+                              drop_last=False))
+    off = first(False)
+    assert torch.equal(off["labels"], plain["labels"])          # False = every token (the default)
+    auto = first(None)
+    n_off = int((off["labels"] != IGNORE_INDEX).sum())
+    assert 0 < int((auto["labels"] != IGNORE_INDEX).sum()) < n_off
+    with pytest.raises(CorpusError, match="assistant_only_loss = true needs chat documents.*plain text"):
+        first(True)
+    chats = [d for d in docs if not isinstance(d, str)]
+    on = first(True, chats)
+    assert torch.equal(on["labels"], first(None, chats)["labels"])
+    with pytest.raises(CorpusError, match="no assistant tokens"):
+        first(True, [{"messages": [{"role": "user", "content": "alpha"}]}] * 3)
+    with pytest.raises(CorpusError, match="assistant_only_loss must be"):
+        PackedStream(list_corpus(docs), tok, seq_len=8, batch_size=1, assistant_only_loss="yes")
+
+
+def test_assistant_mask_stream_resumes_exactly(tok):
+    docs = _chat_docs()
+
+    def make():
+        return PackedStream(list_corpus(docs), tok, seq_len=20, batch_size=2, seed=4, assistant_only_loss=None)
+
+    ref = make()
+    want = [next(ref) for _ in range(8)]
+    s = make()
+    for _ in range(3):
+        next(s)
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    for b in want[3:]:
+        got = next(resumed)
+        assert all(torch.equal(got[k], b[k]) for k in b)

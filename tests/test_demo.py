@@ -120,6 +120,22 @@ def test_distill_command_dry_run_and_short_run(demo, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["stages"][0]["steps"] == 2 and res["layer_pattern"] == ["mamba2", "attention"]
     assert hz.load(res["final_model"]).layer_pattern == ["mamba2", "attention"]
+    # SFT on assistant turns only: the CLI flag overrides the recipe (dry run of an sft-only recipe)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "def f(x):"},
+                                                     {"role": "assistant", "content": f"return x + {i}"}]}) + "\n"
+                            for i in range(20)))
+    toml = tmp_path / "sft.toml"
+    toml.write_text('[recipe]\nname = "sft"\n[student]\nattention_fraction = 0.5\n'
+                    '[[stage]]\nkind = "sft"\nmax_steps = 2\nwarmup_steps = 0\nbatch_size = 2\nseq_len = 16\n'
+                    'assistant_only_loss = true\n')
+    base = ["distill", "--recipe", str(toml), "--teacher", str(teacher), "--out", str(tmp_path / "s"),
+            "--chat-data", str(chat), "--dry-run", "--json"]
+    for extra, want in (([], "assistant turns"), (["--no-assistant-only-loss"], "all tokens")):
+        assert run_cli(base + extra) == 0
+        assert json.loads(capsys.readouterr().out)["plan"][0]["loss_on"] == want
+    with pytest.raises(UserError, match="--assistant-only-loss applies to sft stages; recipe demo has none"):
+        run_cli(["distill", "--recipe", "demo", "--out", str(tmp_path / "x"), "--assistant-only-loss"])
 
 
 def test_pretrain_command(tmp_path, capsys):

@@ -413,3 +413,90 @@ def test_run_recipe_all_mil_stages_and_resume(world, tmp_path):
     with pytest.raises(RecipeError, match="already holds checkpoints"):
         run_recipe(recipe, tmp_path, teacher=world["teacher"], tokenizer=world["tok"], progress=False,
                    log=lambda m: None)
+
+
+# ---------------------------------------------------------------------------- SFT on assistant turns only
+def test_sft_assistant_only_loss_option_validation(world):
+    train = {"max_steps": 2, "warmup_steps": 0}
+    assert StageConfig.from_dict({"kind": "sft"}, train).assistant_only_loss is None   # auto: chats → True
+    assert StageConfig.from_dict({"kind": "sft", "assistant_only_loss": False}, train).assistant_only_loss is False
+    with pytest.raises(StageError, match="assistant_only_loss must be true or false.*'yes'"):
+        StageConfig.from_dict({"kind": "sft", "assistant_only_loss": "yes"}, train)
+    with pytest.raises(StageError, match=r"unknown keys \['assistant_only_los'\].*'assistant_only_loss'"):
+        StageConfig.from_dict({"kind": "sft", "assistant_only_los": True}, train)
+    with pytest.raises(StageError, match=r"unknown keys \['assistant_only_loss'\]"):
+        StageConfig.from_dict({"kind": "kl", "assistant_only_loss": True}, train)
+    with pytest.raises(RecipeError, match="assistant_only_loss must be"):
+        parse_recipe(recipe_dict(world, [{"kind": "sft", "max_steps": 2, "assistant_only_loss": 1}],
+                                 chat=world["chat"]), "t")
+
+
+def test_sft_recipe_checks_assistant_only_loss_against_the_data(world, tmp_path):
+    from hybridize.data import load_tokenizer
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"text": "def return value " * 4}) + "\n" for _ in range(8)))
+    plans = {}
+    for flag in (True, False, None):
+        st = {"kind": "sft", "max_steps": 2} if flag is None else {"kind": "sft", "max_steps": 2,
+                                                                    "assistant_only_loss": flag}
+        recipe = parse_recipe(recipe_dict(world, [st], chat=world["chat"]), "t.toml")
+        plans[flag] = validate_recipe(recipe, world["teacher"].cfg, world["tok"])[0]["loss_on"]
+        on_plain = parse_recipe(recipe_dict(world, [st], chat=str(plain)), "t.toml")
+        if flag:      # plain text has no roles: asking for assistant tokens fails before any training
+            with pytest.raises(RecipeError, match="assistant_only_loss = true needs chat documents"):
+                validate_recipe(on_plain, world["teacher"].cfg, world["tok"])
+        else:
+            validate_recipe(on_plain, world["teacher"].cfg, world["tok"])
+    assert plans[True] == "assistant turns" and plans[False] == "all tokens" and "plain text" in plans[None]
+    # a template whose turns cannot be located fails in the checker too
+    world["tok"].save_pretrained(str(tmp_path / "tok"))
+    odd = load_tokenizer(tmp_path / "tok")
+    odd.chat_template = ("{% for m in messages %}{% if loop.last %}<|last|>{% endif %}<|{{ m['role'] }}|>\n"
+                         "{{ m['content'] }}<|eos|>\n{% endfor %}")
+    recipe = parse_recipe(recipe_dict(world, [{"kind": "sft", "max_steps": 2}], chat=world["chat"]), "t.toml")
+    with pytest.raises(RecipeError, match="not prefix-stable"):
+        validate_recipe(recipe, world["teacher"].cfg, odd)
+    no_mask = parse_recipe(recipe_dict(world, [{"kind": "sft", "max_steps": 2, "assistant_only_loss": False}],
+                                       chat=world["chat"]), "t.toml")
+    validate_recipe(no_mask, world["teacher"].cfg, odd)
+
+
+def test_sft_loss_depends_on_user_tokens_only_without_assistant_only_loss(world, tmp_path):
+    """A trailing user turn comes after every assistant token: with assistant_only_loss the (causal) SFT loss
+    cannot see it; on all tokens it is part of the loss. Batches come from the recipe's sft data path."""
+    from hybridize.distill.recipes import _stage_data
+    from hybridize.distill.stages import stage_loss
+
+    tok, model = world["tok"], world["teacher"]
+
+    def chat(last):
+        return {"messages": [{"role": "system", "content": "self value"},
+                             {"role": "user", "content": "def return import"},
+                             {"role": "assistant", "content": "class self value list dict"},
+                             {"role": "user", "content": last}]}
+
+    from hybridize.data import encode_document
+    first, other = "@#$%&", "%&@#$"           # never seen in training: one byte token each, same length
+    n = len(encode_document(chat(first), tok))
+    assert len(encode_document(chat(other), tok)) == n
+    losses = {}
+    for flag in (True, False):
+        for last in (first, other):
+            path = tmp_path / f"chat-{flag}-{last == first}.jsonl"
+            path.write_text(json.dumps(chat(last)) + "\n")
+            st = {"kind": "sft", "max_steps": 1, "seq_len": n, "batch_size": 1, "assistant_only_loss": flag}
+            recipe = parse_recipe(recipe_dict(world, [st], chat=str(path)), "t.toml")
+            stage = recipe.stages[0]
+            batch = next(iter(_stage_data(recipe, tok, stage, None, tmp_path, False)))
+            assert batch["seq_idx"].max() == 0                       # exactly one conversation per row
+            with torch.no_grad():
+                losses[flag, last] = float(stage_loss(stage, model)(model, batch)[0])
+            if flag:
+                tgt = batch["labels"][0][batch["labels"][0] != -100].tolist()
+                assert tok.decode(tgt) == "class self value list dict<|eos|>"
+    a, b = losses[True, first], losses[True, other]
+    assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+    a_all, b_all = losses[False, first], losses[False, other]
+    assert abs(a_all - b_all) > 1e-3
+    assert abs(a - a_all) > 1e-3

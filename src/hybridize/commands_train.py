@@ -6,6 +6,7 @@ Heavy imports happen inside the commands so `hybridize --help` stays fast. Error
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from contextlib import contextmanager
@@ -132,6 +133,11 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--train-data",
                    help="corpus for KL / MOHAWK stages: 'stdlib', a file, a directory, an HF dataset dir")
     p.add_argument("--chat-data", help="chat JSONL for sft stages")
+    p.add_argument("--assistant-only-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="sft stages: compute the loss on the assistant turns only (system / user turns are "
+                        "context), or on every token with --no-assistant-only-loss (overrides the recipe's "
+                        "assistant_only_loss; default: assistant turns of chat records, all tokens of "
+                        "plain-text records)")
     p.add_argument("--preference-data", help="preference JSONL for dpo stages")
     p.add_argument("--prompts", help="prompt file for seqkd stages (default: prompts from the train data)")
     p.add_argument("--max-steps", type=int, help="override every stage's length (quick runs)")
@@ -155,6 +161,13 @@ def cmd_distill(args) -> int:
                           ("prompts", "prompts"), ("tokenizer", "tokenizer")):
             if getattr(args, attr):
                 setattr(recipe.data, key, getattr(args, attr))
+        if args.assistant_only_loss is not None:
+            sft = [st for st in recipe.stages if st.kind == "sft"]
+            if not sft:
+                raise _user_error(f"--{'' if args.assistant_only_loss else 'no-'}assistant-only-loss applies to "
+                                  f"sft stages; recipe {recipe.name} has none")
+            for st in sft:
+                st.assistant_only_loss = args.assistant_only_loss
         teacher_path = args.teacher or recipe.teacher
         if not teacher_path:
             raise _user_error("no teacher: pass --teacher PATH (or set [teacher] path in the recipe)")
@@ -166,7 +179,7 @@ def cmd_distill(args) -> int:
             lines = [f"recipe {recipe.name} ({recipe.source}) is valid for {teacher_path}:"] + [
                 f"  {i + 1}. {p['stage']:<12} {p['kind']:<11} {p['steps']:>7} steps  "
                 f"{p['tokens'] / 1e6:>9.2f} M tokens  lr {p['lr']:.1e}  trains {p['trainable']:<7} "
-                f"attention at {p['attention_layers']}"
+                f"attention at {p['attention_layers']}" + (f"  loss on {p['loss_on']}" if "loss_on" in p else "")
                 for i, p in enumerate(plan)]
             _emit(args, lines, {"recipe": recipe.name, "valid": True, "plan": plan})
             return 0

@@ -12,6 +12,6 @@ from hybridize.data.preference import (  # noqa: F401
     load_preference_pairs,
 )
 from hybridize.data.tokenizer import (  # noqa: F401
-    DEFAULT_CHAT_TEMPLATE, TokenizerError, encode_document, load_tokenizer, pad_token_id, render_document,
-    train_bpe_tokenizer,
+    DEFAULT_CHAT_TEMPLATE, TokenizerError, assistant_char_spans, encode_chat_with_mask, encode_document,
+    encode_document_with_mask, load_tokenizer, pad_token_id, render_document, train_bpe_tokenizer,
 )

@@ -13,6 +13,10 @@ Every batch is a dict of LongTensors of shape (B, L):
   token from the previous document's EOS). ``labels[:, 0]`` is never a target anyway.
 - padded positions (only in a final, partial row when ``drop_last=False``) have their own seq_idx and
   label −100.
+- with a loss mask (SFT on assistant turns only, ``assistant_only_loss``): labels are also −100 at every
+  token of a chat document outside its assistant turns (system / user turns, role headers), so only the
+  assistant tokens are targets. Documents are still packed whole and keep their boundaries; the
+  non-assistant tokens stay in ``input_ids`` as context.
 
 `PackedStream` does this lazily (one document in memory at a time), deterministically for a seed, and
 resumably: `state_dict()` is a small JSON-able dict (epoch, shard position, document index, token
@@ -30,22 +34,34 @@ import torch
 from torch import Tensor
 
 from hybridize.data.corpus import Corpus, CorpusError
-from hybridize.data.tokenizer import encode_document, pad_token_id
+from hybridize.data.tokenizer import encode_document, encode_document_with_mask, pad_token_id
 
 IGNORE_INDEX = -100
 _END = object()
 
 
 def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, *, pad_id: int = 0,
-                   drop_last: bool = True) -> dict[str, Tensor]:
+                   drop_last: bool = True, masks: Optional[Sequence] = None) -> dict[str, Tensor]:
     """Pack token lists (in order, no shuffling) into rows of `seq_len` → dict of (N, L) tensors.
 
     drop_last: drop the final partial row (True) or pad it (False). Empty documents are skipped.
+    masks: optional loss masks, one per document (a bool list as long as the document, or None = every
+    token is a target): labels are −100 where the mask is false (see `encode_document_with_mask`).
     """
-    docs = [list(d) for d in docs if len(d)]
+    if masks is None:
+        masks = [None] * len(docs)
+    if len(masks) != len(docs):
+        raise CorpusError(f"pack_documents: {len(masks)} masks for {len(docs)} documents")
+    pairs = [(list(d), m) for d, m in zip(docs, masks) if len(d)]
+    for d, m in pairs:
+        if m is not None and len(m) != len(d):
+            raise CorpusError(f"pack_documents: a mask of length {len(m)} for a document of {len(d)} tokens")
+    docs = [d for d, _ in pairs]
     if not docs:
         raise CorpusError("pack_documents: no tokens to pack")
     flat = torch.tensor([t for d in docs for t in d], dtype=torch.long)
+    target = torch.tensor([bool(x) for d, m in pairs for x in (m if m is not None else [True] * len(d))],
+                          dtype=torch.bool)
     doc_id = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs]))
     n_full, rest = divmod(flat.numel(), seq_len)
     if n_full == 0 and drop_last:
@@ -53,6 +69,7 @@ def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, *, pad_id: int =
     if rest and not drop_last:
         pad = seq_len - rest
         flat = torch.cat([flat, torch.full((pad,), pad_id)])
+        target = torch.cat([target, torch.zeros(pad, dtype=torch.bool)])
         doc_id = torch.cat([doc_id, torch.full((pad,), len(docs))])   # padding = its own "document"
         n_full += 1
     ids = flat[: n_full * seq_len].view(n_full, seq_len)
@@ -62,6 +79,7 @@ def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, *, pad_id: int =
     seq_idx = change.long().cumsum(1) - 1
     labels = ids.masked_fill(change, IGNORE_INDEX)
     labels = labels.masked_fill(did == len(docs), IGNORE_INDEX)
+    labels = labels.masked_fill(~target[: n_full * seq_len].view(n_full, seq_len), IGNORE_INDEX)
     return {"input_ids": ids, "labels": labels, "seq_idx": seq_idx}
 
 
@@ -70,12 +88,22 @@ def tokenize_corpus(corpus, tokenizer, *, add_eos: bool = True) -> list[list[int
     return [ids for ids in (encode_document(d, tokenizer, add_eos=add_eos) for d in corpus) if ids]
 
 
+def _check_assistant_only_loss(value) -> None:
+    if not (value is None or isinstance(value, bool)):
+        raise CorpusError(f"assistant_only_loss must be true, false or None (auto), got {value!r}")
+
+
 class PackedStream:
     """Packed batches from a corpus, streamed: an iterator of dicts (input_ids, labels, seq_idx), each (B, L).
 
     corpus:    a `Corpus` (shards are shuffled per epoch when `shuffle`).
     tokenizer: turns documents into ids (via `encode_document`: BOS per the tokenizer's convention, EOS
-               appended); or pass `encode=callable(doc) -> list[int]` instead.
+               appended); or pass `encode=callable(doc) -> list[int] | (ids, mask)` instead (mask: bool
+               per token, False = no target; None = all targets).
+    assistant_only_loss: targets of chat documents (SFT, like TRL's option of the same name):
+               False (default): every token; True: only the assistant turns' tokens (`encode_chat_with_mask`;
+               a plain-text document is an error, it has no roles); None (auto): assistant tokens for chat
+               documents, every token for plain text. Chat documents without an assistant token are skipped.
     epochs:    None = repeat forever (training); an int = stop after that many passes (evaluation).
     drop_last: at the end of a finite stream, drop the partial batch (True) or return it with the last
                row padded (False; the batch may then have fewer than `batch_size` rows).
@@ -83,17 +111,24 @@ class PackedStream:
 
     def __init__(self, corpus: Corpus, tokenizer=None, *, seq_len: int, batch_size: int, seed: int = 0,
                  shuffle: bool = True, epochs: Optional[int] = None, drop_last: bool = True,
-                 add_eos: bool = True, encode: Optional[Callable[[object], list]] = None):
+                 add_eos: bool = True, encode: Optional[Callable[[object], list]] = None,
+                 assistant_only_loss: Optional[bool] = False):
         if seq_len < 2:
             raise CorpusError(f"seq_len must be at least 2, got {seq_len}")
         if batch_size < 1:
             raise CorpusError(f"batch_size must be at least 1, got {batch_size}")
         if epochs is not None and epochs < 1:
             raise CorpusError(f"epochs must be None (forever) or >= 1, got {epochs}")
+        _check_assistant_only_loss(assistant_only_loss)
+        self.assistant_only_loss = assistant_only_loss
+        self.skipped_no_assistant = 0   # chat documents without assistant tokens (skipped; for messages)
         if encode is None:
             if tokenizer is None:
                 raise CorpusError("PackedStream needs a tokenizer (or an encode function)")
-            encode = lambda doc: encode_document(doc, tokenizer, add_eos=add_eos)  # noqa: E731
+            if assistant_only_loss is False:
+                encode = lambda doc: encode_document(doc, tokenizer, add_eos=add_eos)  # noqa: E731
+            else:
+                encode = lambda doc: self._encode_masked(doc, tokenizer, add_eos)  # noqa: E731
         if corpus.num_shards() == 0:
             raise CorpusError(f"corpus {corpus.name} has no shards (no files / documents)")
         self.corpus = corpus
@@ -114,6 +149,7 @@ class PackedStream:
         self._perm_cache: Optional[tuple] = None
         self._docs: Optional[Iterator] = None
         self._tokens: Optional[list] = None
+        self._mask: Optional[list] = None
         self._finished = False
         self._total_tokens = 0  # tokens emitted by this object (for error messages only)
 
@@ -137,6 +173,20 @@ class PackedStream:
             setattr(self, k, int(state[k]))
 
     # ------------------------------------------------------------------ documents
+    def _encode_masked(self, doc, tokenizer, add_eos: bool):
+        ids, mask = encode_document_with_mask(doc, tokenizer, add_eos=add_eos)
+        if mask is None:
+            if ids and self.assistant_only_loss is True:
+                raise CorpusError(
+                    f"corpus {self.corpus.name}: assistant_only_loss = true needs chat documents "
+                    "({'messages': [...]}), but this document is plain text, which has no roles; train on all "
+                    "its tokens (assistant_only_loss = false, or leave it unset: auto)")
+            return ids
+        if not any(mask):
+            self.skipped_no_assistant += 1
+            return []
+        return ids, mask
+
     def _perm(self) -> list:
         if self._perm_cache is None or self._perm_cache[0] != self.epoch:
             order = list(range(self.corpus.num_shards()))
@@ -148,8 +198,10 @@ class PackedStream:
     def _end_epoch(self) -> None:
         n = self.epoch_tokens
         if n == 0:
+            why = (f" ({self.skipped_no_assistant} chat documents were skipped: no assistant tokens to train on "
+                   "with assistant_only_loss)") if self.skipped_no_assistant else ""
             raise CorpusError(f"corpus {self.corpus.name} yields 0 tokens, "
-                              f"need at least seq_len={self.seq_len}")
+                              f"need at least seq_len={self.seq_len}{why}")
         if self.epochs is None and n < self.seq_len:
             raise CorpusError(f"corpus {self.corpus.name} yields {n} tokens, "
                               f"need at least seq_len={self.seq_len} (one row) to stream it")
@@ -177,11 +229,20 @@ class PackedStream:
                 self.doc_pos = self.tok_pos = 0
                 self._docs = None
                 continue
-            toks = list(self.encode(doc))
+            out = self.encode(doc)
+            mask = None
+            if isinstance(out, tuple) and len(out) == 2 and not isinstance(out[0], int):
+                out, mask = out
+            toks = list(out)
             if not toks:
                 self.doc_pos += 1
                 continue
-            self._tokens = toks
+            if mask is not None:
+                mask = [bool(m) for m in mask]
+                if len(mask) != len(toks):
+                    raise CorpusError(f"corpus {self.corpus.name}: the encoder gave a loss mask of {len(mask)} "
+                                      f"entries for {len(toks)} tokens")
+            self._tokens, self._mask = toks, mask
         return self._tokens
 
     # ------------------------------------------------------------------ rows and batches
@@ -193,16 +254,21 @@ class PackedStream:
             toks = self._current()
             if toks is None:
                 break
-            take = toks[self.tok_pos: self.tok_pos + self.seq_len - len(ids)]
+            lo, hi = self.tok_pos, self.tok_pos + self.seq_len - len(ids)
+            take = toks[lo:hi]
             seg += 1
             ids += take
             seq += [seg] * len(take)
-            labels += [IGNORE_INDEX] + take[1:]      # no target across the boundary into this piece
+            if self._mask is None:
+                labels += [IGNORE_INDEX] + take[1:]      # no target across the boundary into this piece
+            else:                                        # ... nor outside the assistant turns
+                labels += [IGNORE_INDEX] + [t if m else IGNORE_INDEX
+                                            for t, m in zip(take[1:], self._mask[lo + 1: hi])]
             self.tok_pos += len(take)
             self.epoch_tokens += len(take)
             self._total_tokens += len(take)
             if self.tok_pos >= len(toks):
-                self._tokens = None
+                self._tokens = self._mask = None
                 self.doc_pos += 1
                 self.tok_pos = 0
         return ids, labels, seq

@@ -2,11 +2,13 @@
 trained on the spot for the built-in demo; and turning a corpus document into token ids.
 
 A document is either a plain string or a chat record ``{"messages": [{"role", "content"}, ...]}``
-rendered with the tokenizer's chat template.
+rendered with the tokenizer's chat template. For chat records `encode_document_with_mask` also gives the
+per-token mask of the assistant turns (SFT on assistant tokens only, like TRL's ``assistant_only_loss``).
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -111,6 +113,127 @@ def encode_document(doc, tokenizer, *, add_eos: bool = True) -> list[int]:
     if add_eos and not is_chat and eos is not None and ids and ids[-1] != eos:
         ids.append(eos)
     return ids
+
+
+# ---------------------------------------------------------------------------- assistant-token masks
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_FIX = ("add {% generation %}...{% endgeneration %} markers around the assistant content in the chat "
+        "template, or train on all tokens (assistant_only_loss = false)")
+
+
+def _template_text(tokenizer) -> str:
+    try:
+        return tokenizer.get_chat_template()
+    except Exception:     # noqa: BLE001 - old transformers / a dict of named templates
+        t = getattr(tokenizer, "chat_template", None)
+        return t if isinstance(t, str) else str(t or "")
+
+
+def _render(tokenizer, messages, *, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:   # noqa: BLE001 - jinja raises anything (TemplateError, IndexError, ...)
+        raise TokenizerError(
+            f"the chat template cannot render the first {len(messages)} message(s) of a conversation "
+            f"({type(e).__name__}: {e}), which locating the assistant tokens turn by turn needs; {_FIX}") from None
+
+
+def assistant_char_spans(messages, tokenizer, full: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in `full` (the rendering of all `messages`), found by
+    rendering the conversation prefix by prefix: the text added by assistant message i is
+    render(messages[:i+1]) minus render(messages[:i], add_generation_prompt=True) — its content and
+    end-of-turn token(s), without the role header. Trailing whitespace after the turn is left out.
+
+    Needs a prefix-stable template (the rendering of every prefix is a prefix of the full rendering);
+    raises TokenizerError naming the first prefix that is not."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        end_text = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])
+        prev = _render(tokenizer, messages[:i]) if i else ""
+        for k, t in ((i + 1, end_text), (i, prev)):
+            if not full.startswith(t):
+                raise TokenizerError(
+                    f"the chat template is not prefix-stable: rendering the first {k} of {len(messages)} "
+                    "messages does not give a prefix of the rendering of the whole conversation (the template "
+                    "renders earlier turns differently depending on later ones, e.g. it drops the reasoning "
+                    f"of earlier assistant turns), so the assistant tokens cannot be located; {_FIX}. "
+                    f"Prefix ends with {t[-60:]!r}; the full rendering there reads "
+                    f"{full[max(0, len(t) - 60): len(t)]!r}")
+        start = len(prev)
+        gp = _render(tokenizer, messages[:i], generation_prompt=True) if i else None
+        content = m.get("content")
+        if gp is not None and len(prev) <= len(gp) <= len(end_text) and end_text.startswith(gp):
+            start = len(gp)                       # skip the assistant header the generation prompt adds
+        elif isinstance(content, str) and content.strip():
+            # the template's generation prompt is not its assistant header: find the content (templates
+            # may trim it) after the header
+            k = end_text.find(content, len(prev))
+            k = k if k >= 0 else end_text.find(content.strip(), len(prev))
+            if k >= 0:
+                start = k
+        end = len(end_text)
+        while end > start + 1 and end_text[end - 1].isspace():
+            end -= 1
+        if end > start:
+            spans.append((start, end))
+    return spans
+
+
+def _mask_from_spans(tokenizer, text: str, spans) -> tuple[list[int], list[bool]]:
+    """Tokenize `text` (no special tokens added, as encode_document) → (ids, True on tokens overlapping a span)."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [any(s < b and max(e, s + 1) > a for a, b in spans) for s, e in enc["offset_mapping"]]
+        return ids, mask
+    # slow tokenizers have no offsets: the token count of every span boundary's prefix
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    mask = [False] * len(ids)
+
+    def n_tokens(c: int) -> int:
+        pre = list(tokenizer(text[:c], add_special_tokens=False)["input_ids"]) if c else []
+        if ids[: len(pre)] != pre:
+            raise TokenizerError(f"the tokenization of the chat is not prefix-stable at character {c} (a turn "
+                                 f"boundary: {text[max(0, c - 30): c + 30]!r}), so the assistant tokens cannot "
+                                 f"be located with this (slow) tokenizer; use its fast version, or {_FIX}")
+        return len(pre)
+
+    for a, b in spans:
+        lo, hi = n_tokens(a), n_tokens(b)
+        mask[lo:hi] = [True] * (hi - lo)
+    return ids, mask
+
+
+def encode_chat_with_mask(messages, tokenizer, *, rendered: Optional[str] = None) -> tuple[list[int], list[bool]]:
+    """Token ids of a chat (exactly as `encode_document` gives them) and a per-token mask, True on the
+    tokens of the assistant turns (content and end-of-turn token; not the role headers, system or user
+    turns). Uses the template's ``{% generation %}`` markers when it has them (transformers'
+    ``return_assistant_tokens_mask``), otherwise renders the conversation prefix by prefix
+    (`assistant_char_spans`). `rendered`: the template's rendering of `messages`, when already at hand."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizerError("a chat document ({'messages': [...]}) needs a tokenizer with a "
+                             "chat_template; this tokenizer has none")
+    messages = list(messages)
+    if _GENERATION_TAG.search(_template_text(tokenizer)) and getattr(tokenizer, "is_fast", False):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), [bool(x) for x in out["assistant_masks"]]
+    full = rendered if rendered is not None else tokenizer.apply_chat_template(messages, tokenize=False)
+    return _mask_from_spans(tokenizer, full, assistant_char_spans(messages, tokenizer, full))
+
+
+def encode_document_with_mask(doc, tokenizer, *, add_eos: bool = True) -> tuple[list[int], Optional[list]]:
+    """`encode_document` plus the loss mask: (ids, mask) with mask True on assistant tokens for a chat
+    record (`encode_chat_with_mask`), None for plain text (no roles: every token is a target)."""
+    text, is_chat = render_document(doc, tokenizer)
+    if not text.strip():
+        return [], None
+    if not is_chat:
+        return encode_document(text, tokenizer, add_eos=add_eos), None
+    return encode_chat_with_mask(doc["messages"], tokenizer, rendered=text)
 
 
 def pad_token_id(tokenizer) -> int:

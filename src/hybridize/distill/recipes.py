@@ -12,7 +12,9 @@ the data, and the stages in order — validated completely before any work start
     [defaults]                   TrainConfig keys shared by every stage (lr, batch_size, seq_len, ...)
     [[stage]]                    kind = "mohawk1" | "mohawk2" | "mohawk3" | "kl" | "seqkd" | "sft" | "dpo" |
                                  "progressive", plus TrainConfig keys and the kind's own keys
-                                 (see `hybridize.distill.stages.STAGE_KEYS`)
+                                 (see `hybridize.distill.stages.STAGE_KEYS`; e.g. an sft stage's
+                                 assistant_only_loss = true | false, unset = assistant turns of chat
+                                 records, all tokens of plain text)
 
 Shipped recipes (`load_recipe("mil")` or a path): `mil.toml` (Mamba-in-the-Llama: kl → sft),
 `mohawk.toml` (MOHAWK 1 → 2 → 3), `demo.toml` (what `hybridize demo` runs).
@@ -239,6 +241,10 @@ def validate_recipe(recipe: Recipe, teacher_cfg, tokenizer=None, *, check_data: 
                      "tokens": s.train.total_steps() * s.train.tokens_per_step,
                      "trainable": s.trainable_or_default, "lr": s.train.lr,
                      "attention_layers": sorted(cur_kept)})
+        if s.kind == "sft":
+            plan[-1]["loss_on"] = {True: "assistant turns", False: "all tokens",
+                                   None: "assistant turns (chat records), all tokens (plain text)"}[
+                                       s.assistant_only_loss]
     if check_data and tokenizer is not None:
         _check_data(recipe, tokenizer)
     return plan
@@ -276,7 +282,7 @@ def _check_data(recipe: Recipe, tokenizer) -> None:
             _eval_batches(recipe, tokenizer, first.train)
         for s in recipe.stages:
             if s.kind == "sft":
-                next(iter(_chat_stream(recipe, tokenizer, s.train)))
+                next(iter(_chat_stream(recipe, tokenizer, s)))
             if s.kind == "dpo":
                 next(iter(_preference_stream(recipe, tokenizer, s.train)))
             if s.kind == "seqkd":
@@ -358,11 +364,14 @@ def _eval_batches(recipe: Recipe, tokenizer, tcfg) -> list:
                           "data)") from None
 
 
-def _chat_stream(recipe: Recipe, tokenizer, tcfg):
+def _chat_stream(recipe: Recipe, tokenizer, stage: StageConfig):
+    """SFT batches: the chat corpus packed, labels on the assistant turns per stage.assistant_only_loss."""
     from hybridize.data import PackedStream, load_corpus
 
+    tcfg = stage.train
     return PackedStream(load_corpus(recipe.data.chat), tokenizer, seq_len=tcfg.seq_len,
-                        batch_size=tcfg.batch_size, seed=tcfg.seed)
+                        batch_size=tcfg.batch_size, seed=tcfg.seed,
+                        assistant_only_loss=stage.assistant_only_loss)
 
 
 def _preference_stream(recipe: Recipe, tokenizer, tcfg):
@@ -487,7 +496,7 @@ def _stage_data(recipe: Recipe, tokenizer, stage: StageConfig, teacher, sdir: Pa
 
     tcfg = stage.train
     if stage.kind == "sft":
-        return _chat_stream(recipe, tokenizer, tcfg)
+        return _chat_stream(recipe, tokenizer, stage)
     if stage.kind == "dpo":
         return _preference_stream(recipe, tokenizer, tcfg)
     if stage.kind == "seqkd":

@@ -13,7 +13,10 @@ Stage kinds (`StageConfig.kind`):
   kl           MIL stage 1: word-level KL(teacher ‖ student) (+ ce_weight · CE on the data); only the
                new mixers train (MLPs, norms, embeddings and kept attention frozen).
   seqkd        sequence-level KD: CE on teacher pseudo-labels (+ kl_weight · KL; MIL used 1 and 0.1).
-  sft          CE on chat data; trains everything.
+  sft          CE on chat data; trains everything. `assistant_only_loss` (TRL's option): true = targets are
+               the assistant turns only (system / user turns and role headers are context, label −100),
+               false = every token; unset = auto: assistant turns of chat records, all tokens of
+               plain-text records (see `hybridize.data.PackedStream`).
   dpo          DPO against a frozen reference (the student as it enters the stage, or the teacher).
   progressive  convert more layers in steps (`fractions`, e.g. [0.75, 0.5, 0.25]); each step starts
                from the previous step's final model and runs the `kl` loss.
@@ -59,7 +62,7 @@ STAGE_KEYS = {
     "kl": {"temperature", "kl_weight", "ce_weight"},
     "seqkd": {"temperature", "kl_weight", "ce_weight", "num_prompts", "prompt_tokens", "max_new_tokens",
               "gen_temperature", "gen_batch_size"},
-    "sft": set(),
+    "sft": {"assistant_only_loss"},
     "dpo": {"beta", "label_smoothing", "reference"},
     "progressive": {"fractions", "temperature", "kl_weight", "ce_weight"},
 }
@@ -92,6 +95,7 @@ class StageConfig:
     max_new_tokens: int = 64
     gen_temperature: float = 0.0               # 0 → greedy
     gen_batch_size: int = 8
+    assistant_only_loss: Optional[bool] = None  # sft: True | False | None (auto: chat records → True)
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -140,6 +144,9 @@ class StageConfig:
         for k in ("num_prompts", "prompt_tokens", "max_new_tokens", "gen_batch_size"):
             need(getattr(self, k) >= 1, f"{k} must be >= 1 (got {getattr(self, k)})")
         need(self.gen_temperature >= 0, f"gen_temperature must be >= 0 (got {self.gen_temperature})")
+        need(self.assistant_only_loss is None or isinstance(self.assistant_only_loss, bool),
+             f"assistant_only_loss must be true or false (or left unset: assistant turns of chat records, all "
+             f"tokens of plain text), got {self.assistant_only_loss!r}")
         self.train.validate()
         return self
 
