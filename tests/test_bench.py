@@ -72,3 +72,30 @@ def test_bench_quality_quick(tmp_path, capsys):
     r2 = json.loads(out.read_text())
     assert r2["teacher"]["source"] == str(teacher_dir) and r2["teacher"]["meta"]["tokens"] == t["tokens"]
     assert finite(r2["teacher"]["heldout"]["ppl"]) and "fractions" not in r2
+
+
+def test_synthetic_suite_survives_a_failing_cell(tmp_path, monkeypatch):
+    """A cell that dies with a CUDA error is recorded, the cells after it are skipped (the context is
+    gone), and the JSON written so far holds the cells that ran; --tasks limits the experiments."""
+    import hybridize.bench.synthetic as syn
+
+    calls = []
+
+    def fake_cell(**kw):
+        calls.append(kw["mixer"])
+        if len(calls) == 2:
+            raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+        return {"task": kw["task"], "mixer": kw["mixer"], "label": kw["mixer"], "width": kw["width"],
+                "seq_len": kw["seq_len"],
+                "lr": kw["lr"], "accuracy": 0.5, "loss": 1.0}
+
+    monkeypatch.setattr(syn, "train_cell", fake_cell)
+    monkeypatch.setattr(syn, "plot", lambda out, path: path)
+    out_json = tmp_path / "s.json"
+    assert syn.main(["--quick", "--device", "cpu", "--tasks", "mqar", "--json-out", str(out_json),
+                     "--plot-out", str(tmp_path / "s.png")]) == 0
+    out = json.loads(out_json.read_text())
+    assert len(calls) == 2                                     # nothing ran after the CUDA error
+    assert out["errors"][0]["cell"].startswith("mqar") and "illegal memory access" in out["errors"][0]["error"]
+    assert len(out["mqar_all"]) == 1 and out["skipped"]        # the first cell kept, the rest skipped
+    assert out["copy"] == {} and out["induction"] == {}        # --tasks mqar

@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -93,7 +95,6 @@ def use_fast_scans(device: str) -> dict:
     fall back to sequential fp32 reference scans (a Python loop over tokens). Swap in chunked references with
     the same contract — checked here against the sequential ones (values and gradients) — so the recurrent
     models train in seconds, not minutes. On CUDA with triton the layers' own dispatch (kernels) is kept."""
-    import os
 
     import hybridize.layers.mamba1 as m1
     import hybridize.layers.rglru as rg
@@ -130,24 +131,42 @@ SHARES = {"mqar": 0.5, "copy": 0.27, "induction": 0.23}
 class Budget:
     """Stops starting new cells of an experiment once its share of the time budget is spent."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, tasks=tuple(SHARES)):
         self.t0, self.seconds, self.deadline = time.perf_counter(), seconds, time.perf_counter()
+        self.total_share = sum(SHARES[t] for t in tasks)
+        self.dead = ""          # set after a CUDA error: the context is unusable, no cell can run
 
     def start(self, experiment: str) -> None:
-        share = SHARES[experiment] * self.seconds
+        share = SHARES[experiment] / self.total_share * self.seconds
         self.deadline = max(self.deadline, time.perf_counter()) + share
 
     def left(self) -> float:
+        if self.dead:
+            return 0.0
         return min(self.deadline, self.t0 + self.seconds) - time.perf_counter()
 
 
-def _run(budget: Budget, skipped: list, name: str, **kw):
+def _run(budget: Budget, skipped: list, name: str, out: Optional[dict] = None, save=None, **kw):
+    """Train one cell; a failure is recorded in out["errors"] (not raised) so the other cells still run —
+    after a CUDA error none can (the context is lost), so the remaining ones are skipped. `save()` after
+    every cell: a run cut short keeps what it measured."""
     if budget.left() <= 0:
         skipped.append(name)
-        print(f"  skip {name}: time budget spent", flush=True)
+        print(f"  skip {name}: {budget.dead or 'time budget spent'}", flush=True)
         return None
     t = time.perf_counter()
-    r = train_cell(**kw)
+    try:
+        r = train_cell(**kw)
+    except Exception as e:  # noqa: BLE001 — record, go on
+        msg = f"{type(e).__name__}: {str(e)[:300]}"
+        if out is not None:
+            out.setdefault("errors", []).append({"cell": name, "error": msg})
+        if "CUDA" in msg or "cuda" in msg:
+            budget.dead = f"an earlier cell hit a CUDA error ({msg[:80]})"
+        print(f"  {name:<44} ERROR {msg}", flush=True)
+        if save:
+            save()
+        return None
     if not kw.get("eval_every"):
         r.pop("history", None)
     loss = "-" if r["loss"] is None else f"{r['loss']:.3f}"
@@ -164,58 +183,80 @@ def run(args) -> dict:
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     common = dict(device=dev, dtype=args.dtype, seed=args.seed, eval_examples=S["eval_examples"],
                   mlp_mult=args.mlp_mult)
-    budget, skipped = Budget(args.time_budget), []
+    tasks = [t for t in SHARES if t in args.tasks]
+    budget, skipped = Budget(args.time_budget, tasks), []
     out = {"device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "cpu",
            "torch": torch.__version__, "settings": S, "command": " ".join(sys.argv)}
     out["scans"] = use_fast_scans(dev) if not args.reference_scans else "sequential references"
     print(f"scans: {out['scans']}", flush=True)
 
+    def save():
+        if args.json_out:
+            _write_json(out, args.json_out)
+    cell = dict(out=out, save=save)
+
     # (a) MQAR ---------------------------------------------------------------------------------
-    m = S["mqar"]
+    m = S["mqar"] if "mqar" in tasks else dict(S["mqar"], mixers=[])
     print(f"(a) MQAR L={m['seq_len']} kv={m['kv']} V={m['vocab']}", flush=True)
-    budget.start("mqar")
+    if "mqar" in tasks:
+        budget.start("mqar")
     runs = []
     for lr in m["lrs"]:                 # lrs outermost: a tight budget drops a second lr, not a mixer
         for w in m["widths"]:
             for mixer in m["mixers"]:
-                r = _run(budget, skipped, f"mqar {mixer} d={w} lr={lr:g}", task="mqar", mixer=mixer, width=w,
+                r = _run(budget, skipped, f"mqar {mixer} d={w} lr={lr:g}", **cell, task="mqar", mixer=mixer, width=w,
                          seq_len=m["seq_len"], lr=lr, steps=m["steps"], batch_size=m["batch"],
                          task_kwargs=dict(num_kv_pairs=m["kv"], vocab_size=m["vocab"]), **common)
                 if r:
                     runs.append(r)
+                    out["mqar_all"] = runs
+                    save()
     out["mqar_all"] = runs
     out["mqar"] = best_cells(runs)
 
     # (b) selective copying: learning curves ------------------------------------------------------
-    c = S["copy"]
+    c = S["copy"] if "copy" in tasks else dict(S["copy"], mixers=[])
     print(f"(b) selective copying L={c['seq_len']} tokens={c['tokens']}", flush=True)
     out["copy"] = {}
-    budget.start("copy")
+    if "copy" in tasks:
+        budget.start("copy")
     for mixer in c["mixers"]:
-        r = _run(budget, skipped, f"copy {mixer}", task="selective_copying", mixer=mixer, width=c["width"],
+        r = _run(budget, skipped, f"copy {mixer}", **cell, task="selective_copying", mixer=mixer, width=c["width"],
                  seq_len=c["seq_len"], lr=c["lr"], steps=c["steps"], batch_size=c["batch"],
                  task_kwargs=dict(num_data_tokens=c["tokens"]), eval_every=c["every"], window=c["window"],
                  **common)
         if r:
             out["copy"][mixer] = r
+            save()
 
     # (c) induction heads: length extrapolation ---------------------------------------------------
-    i = S["induction"]
+    i = S["induction"] if "induction" in tasks else dict(S["induction"], mixers=[])
     print(f"(c) induction heads, trained at {i['seq_len']}, evaluated at {i['eval_lengths']}", flush=True)
     out["induction"] = {}
-    budget.start("induction")
+    if "induction" in tasks:
+        budget.start("induction")
     for mixer in i["mixers"]:
-        r = _run(budget, skipped, f"induction {mixer}", task="induction_heads", mixer=mixer, width=i["width"],
+        r = _run(budget, skipped, f"induction {mixer}", **cell, task="induction_heads", mixer=mixer, width=i["width"],
                  seq_len=i["seq_len"], lr=i["lr"], steps=i["steps"], batch_size=i["batch"],
                  eval_lengths=i["eval_lengths"], window=i["window"], **common)
         if r:
             out["induction"][mixer] = r
+            save()
             print("    by length: " + "  ".join(f"{L}: {a:.2f}" for L, a in r["accuracy_by_length"].items()),
                   flush=True)
     out["skipped"] = skipped
     out["elapsed_s"] = time.perf_counter() - budget.t0
     out["checks"] = checks(out)
     return out
+
+
+def _write_json(out: dict, path) -> None:
+    """Atomically (tmp + rename): a reader never sees half a file, a killed run keeps the last one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def _steps_to(hist: list, thr: float) -> float:
@@ -308,6 +349,8 @@ def main(argv=None) -> int:
                         "circuits in far fewer steps than with an MLP at this scale)")
     p.add_argument("--time-budget", type=float, default=450.0,
                    help="seconds; cells not started by then are skipped (default 450)")
+    p.add_argument("--tasks", nargs="+", default=list(SHARES), choices=list(SHARES),
+                   help="which experiments to run (default all; the time budget is shared among them)")
     p.add_argument("--quick", action="store_true", help="tiny settings (CPU smoke test of the script)")
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every experiment's training steps (e.g. 0.5 on a slower GPU)")
@@ -322,8 +365,7 @@ def main(argv=None) -> int:
     if (args.device or "").startswith("cpu") or not torch.cuda.is_available():
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     out = run(args)
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    _write_json(out, args.json_out)
     print(f"wrote {args.json_out}")
     try:
         print(f"wrote {plot(out, args.plot_out)}")
