@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -42,6 +41,7 @@ from hybridize.generate import generate
 from hybridize.generate.cache_ops import alloc_cache, restore_positions_, save_positions
 from hybridize.generate.engine import StepRunner, prefill_
 from hybridize.generate.speculative import Verifier
+from hybridize.bench.utils import write_json
 from hybridize.model import HybridLM
 
 T_START = time.perf_counter()
@@ -284,8 +284,7 @@ def main(argv=None) -> int:
 
     def save():
         report["total_s"] = elapsed()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        write_json(report, out, indent=2)
 
     def attempt(what: dict, need_bytes: int, fn, *fn_args):
         """fn(*fn_args), unless out of time or memory; errors are recorded, not raised."""

@@ -45,7 +45,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import platform
 import random
 import shlex
@@ -57,6 +56,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from hybridize.bench.utils import write_json
 
 PHASES = ("teacher", "throughput", "fractions", "init", "mohawk", "extrapolation")
 DEFAULT_PHASES = ("teacher", "throughput", "fractions", "init", "mohawk")
@@ -173,10 +174,7 @@ class Results(dict):
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(_finite(self), indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_json(_finite(self), self.path)
 
     def skip(self, phase: str, reason: str) -> None:
         self.setdefault("skipped", []).append({"phase": phase, "reason": reason})

@@ -50,7 +50,7 @@ SMOKE = False             # --smoke: tiny shapes on CPU under TRITON_INTERPRET=1
 
 
 # ------------------------------------------------------------------------------------------------ utils
-from hybridize.bench.utils import Budget, import_mamba_ssm  # noqa: E402
+from hybridize.bench.utils import Budget, import_mamba_ssm, write_json  # noqa: E402
 from hybridize.bench.utils import err as _err  # noqa: E402
 
 
@@ -414,9 +414,7 @@ def main(argv=None):
         "tokens_per_call": TOKENS, "H": H, "P": P, "N": N, "G": G}}
 
     def save():
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        write_json(results, args.json_out)
 
     if not torch.cuda.is_available() and not SMOKE:
         results["error"] = "CUDA is not available"

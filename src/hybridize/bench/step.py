@@ -54,7 +54,7 @@ SMOKE = False               # --smoke: tiny shapes on CPU under TRITON_INTERPRET
 
 
 # ------------------------------------------------------------------------------------------------ utils
-from hybridize.bench.utils import Budget, import_mamba_ssm  # noqa: E402
+from hybridize.bench.utils import Budget, import_mamba_ssm, write_json  # noqa: E402
 from hybridize.bench.utils import err as _err  # noqa: E402
 
 
@@ -643,9 +643,7 @@ def main(argv=None):
                "hbm_bw_bytes_per_s": HBM_BW}
 
     def save():
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        write_json(results, args.json_out)
 
     if not torch.cuda.is_available() and not SMOKE:
         results["error"] = "CUDA is not available"

@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from hybridize.bench.utils import write_json
 from hybridize.eval.sweep import best_cells, train_cell
 
 
@@ -192,7 +193,7 @@ def run(args) -> dict:
 
     def save():
         if args.json_out:
-            _write_json(out, args.json_out)
+            write_json(out, args.json_out, indent=2)
     cell = dict(out=out, save=save)
 
     # (a) MQAR ---------------------------------------------------------------------------------
@@ -248,15 +249,6 @@ def run(args) -> dict:
     out["elapsed_s"] = time.perf_counter() - budget.t0
     out["checks"] = checks(out)
     return out
-
-
-def _write_json(out: dict, path) -> None:
-    """Atomically (tmp + rename): a reader never sees half a file, a killed run keeps the last one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _steps_to(hist: list, thr: float) -> float:
@@ -365,7 +357,7 @@ def main(argv=None) -> int:
     if (args.device or "").startswith("cpu") or not torch.cuda.is_available():
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     out = run(args)
-    _write_json(out, args.json_out)
+    write_json(out, args.json_out, indent=2)
     print(f"wrote {args.json_out}")
     try:
         print(f"wrote {plot(out, args.plot_out)}")

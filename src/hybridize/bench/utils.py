@@ -2,7 +2,20 @@
 module is importable from the script's folder)."""
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
+
+
+def write_json(obj, path, *, indent: int = 1) -> None:
+    """Write `obj` as JSON atomically (temporary file + os.replace): suites rewrite their results after
+    every measurement, and a run killed mid-write must leave the previous complete file, not half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=indent, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 class Budget:
