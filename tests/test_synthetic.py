@@ -197,6 +197,23 @@ def test_attention_learns_easy_mqar():
     assert r["history"][0]["accuracy"] < 0.75                        # the plateau
 
 
+def test_train_cell_stops_when_solved_or_out_of_time():
+    """stop_at_accuracy ends a cell at the first eval that reaches it (the Trainer's request_stop); a time
+    limit ends it after that many seconds; both report how many steps ran."""
+    from hybridize.eval.sweep import train_cell
+
+    kw = dict(steps=400, batch_size=64, task_kwargs=EASY, mlp_mult=0, eval_examples=256, eval_every=50,
+              weight_decay=0.0, schedule="constant", warmup_fraction=0.1)
+    r = train_cell("mqar", "attention", 64, 16, 3e-3, stop_at_accuracy=0.9, **kw)
+    assert r["stopped"] == "solved" and r["accuracy"] >= 0.9, r
+    assert r["steps_run"] < 400 and r["steps_run"] == r["history"][-1]["step"]
+    assert all(h["accuracy"] < 0.9 for h in r["history"][:-1])       # stopped at the first solved eval
+    r = train_cell("mqar", "attention", 64, 16, 3e-3, time_limit_s=1e-3, **kw)
+    assert r["stopped"] == "time_limit" and r["steps_run"] < 400
+    with pytest.raises(SyntheticTaskError, match="eval_every"):
+        train_cell("mqar", "attention", 64, 16, 3e-3, stop_at_accuracy=0.9, steps=2, task_kwargs=EASY)
+
+
 def _run_eval_cli(argv):
     from hybridize import cli
     from hybridize.commands_eval import add_eval_parser

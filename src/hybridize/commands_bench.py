@@ -1,5 +1,5 @@
-"""`hybridize bench kernels|ssd|step|decode|synthetic|quality|plot`: run a benchmark suite, write JSON
-(+ PNG)."""
+"""`hybridize bench kernels|ssd|step|decode|synthetic|quality|speculative|plot`: run a benchmark suite, write
+JSON (+ PNG)."""
 from __future__ import annotations
 
 import importlib
@@ -7,7 +7,8 @@ import shlex
 from pathlib import Path
 
 SUITES = {"ssd": "hybridize.bench.ssd", "step": "hybridize.bench.step", "decode": "hybridize.bench.decode",
-          "synthetic": "hybridize.bench.synthetic", "quality": "hybridize.bench.quality"}
+          "synthetic": "hybridize.bench.synthetic", "quality": "hybridize.bench.quality",
+          "speculative": "hybridize.bench.speculative"}
 
 
 def _run_suite(name: str, argv: list) -> int:
@@ -29,7 +30,7 @@ def cmd_bench(args) -> int:
         rc = _run_suite("ssd", ["--json-out", str(out / "ssd.json"), *smoke, *extra])
         rc |= _run_suite("step", ["--json-out", str(out / "step.json"), *smoke, *extra])
     else:
-        if args.smoke and args.suite in ("decode", "quality"):
+        if args.smoke and args.suite in ("decode", "quality", "speculative"):
             smoke = ["--quick"]
         plot = ["--no-plot"] if args.suite == "quality" else []      # plot_dir below draws it
         rc = _run_suite(args.suite, ["--json-out", str(out / f"{args.suite}.json"), *plot, *smoke, *extra])
@@ -47,8 +48,11 @@ def add_bench_parser(sub) -> None:
                                    "`python -m hybridize.bench.ssd --help`). Peers (mamba_ssm, fla) are optional "
                                    "imports. quality = the distillation quality study (teacher pretraining, "
                                    "attention fractions, init and MOHAWK ablations, throughput; see "
-                                   "`python -m hybridize.bench.quality --help`).")
-    p.add_argument("suite", choices=["kernels", "ssd", "step", "decode", "synthetic", "quality", "plot"])
+                                   "`python -m hybridize.bench.quality --help`). speculative = speculative vs "
+                                   "plain decoding on a trained target / draft pair (train, then time; see "
+                                   "`python -m hybridize.bench.speculative --help`).")
+    p.add_argument("suite", choices=["kernels", "ssd", "step", "decode", "synthetic", "quality", "speculative",
+                                     "plot"])
     p.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on CPU (TRITON_INTERPRET=1): checks the suite runs, measures nothing")

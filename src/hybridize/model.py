@@ -20,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from hybridize.config import HybridConfig
 from hybridize.hf import HybridLMConfig
 from hybridize.layers.base import Mixer, MixerState
+from hybridize.layers.fused import FusedProjections
 from hybridize.layers.mlp import GatedMLP
 from hybridize.layers.norm import RMSNorm
 
@@ -208,6 +209,32 @@ class HybridLM(PreTrainedModel, GenerationMixin):
             if isinstance(m, RotaryEmbedding):
                 inv_freq, _ = compute_inv_freq(m.rot_dim, m.params, m.max_position_embeddings)
                 m.inv_freq = inv_freq.to(m.inv_freq.device)
+
+    # ------------------------------------------------------------------ fused projections
+    def _fusable(self) -> list:
+        return [m for m in self.modules() if isinstance(m, FusedProjections)]
+
+    def fuse_projections_(self) -> HybridLM:
+        """Inference layout: every layer's projections that read the same input (attention q/k/v, MLP
+        gate/up, RG-LRU branches) become one matmul over one weight tensor whose slices the existing
+        Parameters now are (`hybridize.layers.fused`): no extra memory, state_dict / checkpoints and
+        training unchanged. Idempotent (re-fuses layers whose Parameters got new storage); fuse, then
+        torch.compile / capture. The generation engine calls it at setup. Returns self."""
+        for m in self._fusable():
+            m.fuse_projections_()
+        return self
+
+    def unfuse_projections_(self) -> HybridLM:
+        """Undo `fuse_projections_` (every Parameter its own storage again). Returns self."""
+        for m in self._fusable():
+            m.unfuse_projections_()
+        return self
+
+    def projections_fused(self) -> bool:
+        """Whether every fusable layer runs its fused matmul (fused and not stale; False when the model
+        has none)."""
+        mods = self._fusable()
+        return bool(mods) and all(m.projections_fused() for m in mods)
 
     # ------------------------------------------------------------------ model
     @property

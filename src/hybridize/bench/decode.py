@@ -10,6 +10,10 @@ Llama-style Transformer and its Mamba-2 hybrids, vs transformers' `generate` on 
 Compilation: each model compiles its step twice (batch 1, batch > 1: one graph serves every KV capacity)
 and its verifier once per K; that time is excluded from the per-token numbers and reported as setup_s.
 
+Fused projections: the engine fuses q/k/v, gate/up (and RG-LRU branches) into one matmul each at setup
+(`HybridLM.fuse_projections_`); every row records "fused". --no-fuse (or HYBRIDIZE_FUSE=0) measures the
+separate projections, for an A/B of the same models.
+
 Random weights, bf16, greedy. The context is filled by prefilling random tokens (hybridize's chunked
 prefill; HF's own prefill); decode latency excludes it:
 * hybridize: `GenerationStats.decode_s / steps` (one host sync at the end, graph replay per token);
@@ -39,7 +43,7 @@ import torch
 import hybridize as hz
 from hybridize.generate import generate
 from hybridize.generate.cache_ops import alloc_cache, restore_positions_, save_positions
-from hybridize.generate.engine import StepRunner, prefill_
+from hybridize.generate.engine import StepRunner, fuse_wanted, prefill_
 from hybridize.generate.speculative import Verifier
 from hybridize.bench.utils import write_json
 from hybridize.model import HybridLM
@@ -89,7 +93,7 @@ def bench_hybridize(model, name, batch, context, args, device, compile="auto") -
     sync(device)
     t0 = time.perf_counter()
     res = generate(model, prompts, max_new_tokens=args.new_tokens, use_cuda_graph="auto", compile=compile,
-                   prefill_chunk=args.prefill_chunk)
+                   prefill_chunk=args.prefill_chunk, fuse=args.fuse)
     sync(device)
     s = res.stats
     setup_s = time.perf_counter() - t0 - s.prefill_s - s.decode_s
@@ -99,6 +103,7 @@ def bench_hybridize(model, name, batch, context, args, device, compile="auto") -
     return {"model": name if s.compiled else f"{name} (no compile)", "batch": batch, "context": context,
             "new_tokens": s.steps, "ms_per_token": ms, "tokens_per_s": batch * s.steps / s.decode_s,
             "prefill_s": s.prefill_s, "setup_s": setup_s, "cuda_graph": s.cuda_graph, "compiled": s.compiled,
+            "fused": s.fused,
             "hbm_floor_ms": floor_ms, "hbm_floor_tokens_per_s": 1e3 * batch / floor_ms,
             "fraction_of_hbm_floor": floor_ms / ms, "bytes_per_step": by}
 
@@ -164,8 +169,8 @@ def bench_verify(model, name, batch, context, args, device) -> list:
     V, ks = model.cfg.vocab_size, args.verify_ks
     cache = alloc_cache(model, batch, context + max(ks) + 16, window_slack=max(ks), device=device)
     t0 = time.perf_counter()
-    runner = StepRunner(model, cache, batch, "auto")          # compiled + captured on the empty cache
-    verifiers = {K: Verifier(model, cache, batch, K, "auto") for K in ks}
+    runner = StepRunner(model, cache, batch, "auto", fuse=args.fuse)   # compiled + captured on the empty cache
+    verifiers = {K: Verifier(model, cache, batch, K, "auto", fuse=args.fuse) for K in ks}
     sync(device)
     setup_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(7)
@@ -207,7 +212,7 @@ def bench_verify(model, name, batch, context, args, device) -> list:
         rows.append({"model": name, "batch": batch, "context": context, "K": K, "verify_ms": v,
                      "verify_commit_ms": vc, "step_ms": step_ms, "verify_over_step": v / step_ms,
                      "verify_commit_over_step": vc / step_ms, "compiled": ver.compiled, "graphed": ver.graphed,
-                     "step_compiled": runner.compiled, "setup_s": setup_s})
+                     "step_compiled": runner.compiled, "fused": runner.fused and ver.fused, "setup_s": setup_s})
     return rows
 
 
@@ -216,7 +221,7 @@ def profile_step(model, batch, context, args, device) -> list:
     from torch.profiler import ProfilerActivity, profile
 
     cache = alloc_cache(model, batch, context + 64, device=device)
-    runner = StepRunner(model, cache, batch, "auto")
+    runner = StepRunner(model, cache, batch, "auto", fuse=args.fuse)
     tok = torch.zeros(batch, dtype=torch.long, device=device)
     for _ in range(3):
         runner(tok)
@@ -249,6 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--verify-reps", type=int, default=10)
     p.add_argument("--also-uncompiled", action="store_true", help="also measure every decode config without "
                    "torch.compile (the eager step in a CUDA graph)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep q/k/v, gate/up (and RG-LRU "
+                   "branches) as separate matmuls (A/B of the engine's fused projections; = HYBRIDIZE_FUSE=0)")
     p.add_argument("--profile", default="", help="MODEL:BATCH:CONTEXT[,...]: print the top CUDA kernels of a "
                    "graph-replayed decode step")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
@@ -279,6 +286,7 @@ def main(argv=None) -> int:
     report = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.processor() or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": str(dtype), "hbm_bytes_per_s": args.hbm_bw, "new_tokens": args.new_tokens,
+              "fuse": fuse_wanted(args.fuse),
               "decode": [], "hf_generate": [], "verify": [], "profile": [], "skipped": [], "errors": []}
     out = Path(args.json_out)
 
@@ -311,12 +319,12 @@ def main(argv=None) -> int:
         print(f"[{elapsed():6.1f}s] {r['model']:>30} B={r['batch']:<3} ctx={r['context']:<5} "
               f"{r['ms_per_token']:7.2f} ms/token {r['tokens_per_s']:9.1f} tok/s"
               + (f"  (HBM floor {r['hbm_floor_ms']:.2f} ms, {100 * r['fraction_of_hbm_floor']:.0f} %)"
-                 if "hbm_floor_ms" in r else ""), flush=True)
+                 if "hbm_floor_ms" in r else "") + ("  [unfused]" if r.get("fused") is False else ""), flush=True)
 
     for name in models:
         model = build_model(name, device, dtype)
         # warm-up: Triton compilation, cuBLAS handles, graph pools
-        generate(model, [[1, 2, 3]], max_new_tokens=4)
+        generate(model, [[1, 2, 3]], max_new_tokens=4, fuse=args.fuse)
         ref = None
         if name.startswith("llama") and not args.no_hf:
             ref = attempt({"model": "hf", "stage": "build"}, 0, hf_llama, model, device, dtype)
@@ -372,7 +380,8 @@ def main(argv=None) -> int:
             rows = attempt({"model": name, "stage": "profile", "batch": int(pb), "context": int(pc)}, 0,
                            profile_step, model, int(pb), int(pc), args, device)
             if rows:
-                report["profile"].append({"model": name, "batch": int(pb), "context": int(pc), "kernels": rows[:40]})
+                report["profile"].append({"model": name, "batch": int(pb), "context": int(pc),
+                                          "fused": model.projections_fused(), "kernels": rows[:40]})
                 print(f"[{elapsed():6.1f}s] profile {name} B={pb} ctx={pc}: "
                       f"{sum(r['us_per_step'] for r in rows):.0f} us of kernels per step, "
                       f"{sum(r['calls_per_step'] for r in rows):.0f} launches")

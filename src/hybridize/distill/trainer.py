@@ -315,6 +315,7 @@ class Trainer:
         self.train_data = train_data
         self.loss_fn = loss_fn or lm_loss_fn
         self.eval_fn = eval_fn
+        self._stop_reason: Optional[str] = None
         self.total_steps = self.cfg.total_steps()
         self.param_names = {id(p): n for n, p in model.named_parameters()}
         if trainable_params is not None:
@@ -534,6 +535,11 @@ class Trainer:
         return total_loss, float(grad_norm), metrics, ntok
 
     @torch.no_grad()
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask the loop to stop after the current step (e.g. from eval_fn once a target is reached);
+        the run then ends like a time limit (checkpoint saved, summary["stopped"] = reason)."""
+        self._stop_reason = reason
+
     def evaluate(self) -> dict:
         """Run eval_fn in eval mode → {"eval_<name>": value}; also written to the metrics log."""
         if self.eval_fn is None:
@@ -586,6 +592,7 @@ class Trainer:
         run_tokens, run_start_step = 0, self.step
         window = _Window()
         stopped = "max_steps"
+        self._stop_reason = None
         pbar = _progress(cfg.progress, self.total_steps, self.step)
         self.model.train()
         try:
@@ -622,6 +629,9 @@ class Trainer:
                     self.evaluate()
                 if self.out_dir is not None and cfg.save_every and self.step % cfg.save_every == 0:
                     self.save_checkpoint()
+                if self._stop_reason is not None:
+                    stopped = self._stop_reason
+                    break
             if stopped == "max_steps" and self.eval_fn is not None and \
                     not (cfg.eval_every and self.step % cfg.eval_every == 0):
                 self.evaluate()

@@ -101,11 +101,18 @@ def train_cell(task: str, mixer, width: int, seq_len: int, lr: float, *, steps: 
                batch_size: int = 64, task_kwargs: Optional[dict] = None, eval_examples: int = 256,
                eval_lengths: Sequence[int] = (), eval_every: int = 0, num_layers: int = 2,
                window: Optional[int] = None, mlp_mult: int = 2, weight_decay: float = 0.1,
-               warmup_fraction: float = 0.1, seed: int = 0, device=None, dtype: str = "auto") -> dict:
+               warmup_fraction: float = 0.1, seed: int = 0, device=None, dtype: str = "auto",
+               stop_at_accuracy: Optional[float] = None, time_limit_s: Optional[float] = None,
+               schedule: str = "cosine") -> dict:
     """Train one tiny model on fresh batches of a synthetic task and measure answer accuracy.
 
     eval_lengths: extra evaluation lengths (length extrapolation, e.g. induction heads at 2× … 8×).
     eval_every:   also record eval accuracy every k steps (learning curves) → "history".
+    stop_at_accuracy: end training early once an eval (every `eval_every` steps) reaches this accuracy —
+                  a solved cell leaves its time to the others ("stopped": "solved").
+    time_limit_s: end training after this many seconds ("stopped": "time_limit"); accuracy is measured
+                  on the model as it is then. With a time limit the step count is not known in advance:
+                  use schedule="constant" (after the warm-up) rather than a cosine sized for `steps`.
     Returns a dict: task, mixer, label, width, seq_len, lr, steps, accuracy, sequence_accuracy, loss,
     parameters, train_time_s, accuracy_by_length {L: acc}, history [{"step", "accuracy"}], and
     num_kv_pairs for MQAR."""
@@ -113,6 +120,8 @@ def train_cell(task: str, mixer, width: int, seq_len: int, lr: float, *, steps: 
     from hybridize.model import HybridLM
 
     spec = parse_mixer(mixer) if isinstance(mixer, str) else mixer
+    if stop_at_accuracy is not None and not eval_every:
+        raise SyntheticTaskError("stop_at_accuracy needs eval_every > 0 (the accuracy is checked at evals)")
     kw = dict(task_kwargs or {})
     is_mqar = task.replace("-", "_") == "mqar"
     if is_mqar:
@@ -136,23 +145,27 @@ def train_cell(task: str, mixer, width: int, seq_len: int, lr: float, *, steps: 
     def eval_fn(m) -> dict:
         r = answer_accuracy(m, eval_sets[seq_len], autocast_dtype=amp)
         history.append({"step": holder["trainer"].step, "accuracy": r["accuracy"]})
+        if stop_at_accuracy is not None and r["accuracy"] >= stop_at_accuracy:
+            holder["trainer"].request_stop("solved")
         return {"accuracy": r["accuracy"]}
 
     warmup = max(0, min(int(warmup_fraction * steps), steps - 1))
-    cfg = TrainConfig(lr=lr, min_lr=lr * 0.1, warmup_steps=warmup, schedule="cosine",
+    cfg = TrainConfig(lr=lr, min_lr=lr * 0.1, warmup_steps=warmup, schedule=schedule,
                       weight_decay=weight_decay, max_steps=steps, batch_size=batch_size, seq_len=seq_len,
-                      eval_every=eval_every, log_every=max(1, steps), seed=seed, dtype=dtype, progress=False,
+                      eval_every=eval_every, time_limit_s=time_limit_s, log_every=eval_every or max(1, steps), seed=seed,
+                      dtype=dtype, progress=False,
                       plot=False)
     trainer = Trainer(model, SyntheticStream(gen, batch_size, seed=seed), config=cfg,
                       eval_fn=eval_fn if eval_every else None)
     holder["trainer"] = trainer
     t0 = time.perf_counter()
-    error = None
+    error, stopped, steps_run = None, "max_steps", 0
     try:
         summary = trainer.train()
-        loss = summary.get("loss")
+        loss, stopped = summary.get("loss"), summary.get("stopped", "max_steps")
     except TrainingError as e:          # a diverging cell (NaN loss) must not end the whole sweep
         error, loss = str(e), None
+    steps_run = trainer.step
     train_time = time.perf_counter() - t0
     by_len = {}
     for L, data in eval_sets.items():
@@ -162,7 +175,8 @@ def train_cell(task: str, mixer, width: int, seq_len: int, lr: float, *, steps: 
     main = by_len[seq_len]
     out = {
         "task": task, "mixer": spec.kind, "label": spec.label, "d_state": spec.d_state, "width": width,
-        "seq_len": seq_len, "lr": lr, "steps": steps, "batch_size": batch_size,
+        "seq_len": seq_len, "lr": lr, "steps": steps, "steps_run": steps_run, "stopped": stopped,
+        "batch_size": batch_size,
         "accuracy": main["accuracy"], "sequence_accuracy": main["sequence_accuracy"],
         "loss": loss, "parameters": sum(p.numel() for p in model.parameters()),
         "train_time_s": train_time,

@@ -4,7 +4,10 @@
 Layout of one call (B prompts of different lengths, no padding anywhere):
 
 1. ``alloc_cache``: one preallocated batched cache (KV caches sized to the longest prompt plus the new
-   tokens; recurrent states are fixed size). On CUDA, ``model.step`` is compiled (`torch.compile`,
+   tokens; recurrent states are fixed size). The model's projections that read the same input (q/k/v,
+   gate/up, RG-LRU branches) are fused into one matmul each, for prefill and decode
+   (`HybridLM.fuse_projections_`: views of one weight tensor, no extra memory; ``fuse=False`` or
+   HYBRIDIZE_FUSE=0 leaves the model as it is). On CUDA, ``model.step`` is compiled (`torch.compile`,
    fullgraph: norms, rotary, cache writes and state updates fuse into a few kernels per layer; attention
    is a split-K decode kernel that reads only the filled slots) and captured into a graph on this cache
    now (all states update in place), then the cache is zeroed. One compiled graph serves every KV
@@ -51,6 +54,7 @@ class GenerationStats:
     ms_per_step: float         # decode latency per step / round
     cuda_graph: bool = False
     compiled: bool = False     # the decode step (and the verifier) ran torch.compile'd code
+    fused: bool = False        # the model (and the draft) ran fused projections (fuse_projections_)
     # speculative decoding only
     num_draft_tokens: Optional[int] = None
     drafted: Optional[int] = None
@@ -219,6 +223,25 @@ def prefill_(model, cache, token_lists: list, *, prefill_chunk: int = 2048,
                 model(ids[:, s:s + prefill_chunk], cache=scratch, logits_to_keep=1)
             copy_rows_(cache, torch.tensor(sub_rows, device=device), scratch)
             del scratch
+
+
+# ---------------------------------------------------------------------------- fused projections
+def fuse_wanted(fuse: bool = True) -> bool:
+    """`fuse`, unless HYBRIDIZE_FUSE=0 (A/B benchmarks of the unfused projections)."""
+    if os.environ.get("HYBRIDIZE_FUSE", "").lower() in ("0", "off", "false", "no"):
+        return False
+    return bool(fuse)
+
+
+def fuse_for_inference(model, fuse: bool = True) -> bool:
+    """`model.fuse_projections_()` when wanted (`fuse_wanted`) and the model has it; must run before
+    compiling / capturing its step (idempotent: cheap when already fused). Returns whether its
+    projections are fused now (``fuse=False`` leaves a model fused earlier as it is)."""
+    if not hasattr(model, "fuse_projections_"):
+        return False
+    if fuse_wanted(fuse):
+        model.fuse_projections_()
+    return model.projections_fused()
 
 
 # ---------------------------------------------------------------------------- compiled steps
@@ -394,11 +417,13 @@ class StepRunner:
 
     Capture runs warm-up steps, so it must happen before the cache is filled: the cache is zeroed
     afterwards. use_cuda_graph, compile: True, False or "auto" (= on CUDA); a failing compile falls back
-    to the eager step, a failing "auto" capture to eager steps, each with a warning."""
+    to the eager step, a failing "auto" capture to eager steps, each with a warning. fuse: fuse the
+    model's projections first (`fuse_for_inference`; ``fused`` says whether they are)."""
 
     def __init__(self, model, cache, batch_size: int, use_cuda_graph: Union[bool, str] = "auto",
-                 compile: Union[bool, str] = "auto"):
+                 compile: Union[bool, str] = "auto", fuse: bool = True):
         self.model, self.cache = model, cache
+        self.fused = fuse_for_inference(model, fuse)             # before compiling / capturing the step
         device = next(model.parameters()).device
         self.ids = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.prog = GraphedProgram(_step_program, (model, self.ids, cache), device=device,
@@ -438,7 +463,8 @@ def generate(model, prompts, max_new_tokens: int = 64, *, draft=None, num_draft_
              repetition_penalty: float = 1.0, eos_token_id=None, stop: Optional[Sequence[str]] = None,
              seed: Optional[int] = None, tokenizer=None, stream: Optional[StreamFn] = None,
              use_cuda_graph: Union[bool, str] = "auto", compile: Union[bool, str] = "auto",
-             prefill_chunk: int = 2048, check_every: int = 16, state_dtype=torch.float32) -> GenerationResult:
+             prefill_chunk: int = 2048, check_every: int = 16, state_dtype=torch.float32,
+             fuse: bool = True) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens for each prompt with a `HybridLM` (any mixer mix).
 
     prompts: a list of token-id lists (different lengths welcome) or of strings (with `tokenizer`), or
@@ -450,7 +476,10 @@ def generate(model, prompts, max_new_tokens: int = 64, *, draft=None, num_draft_
     `torch.Generator` (reproducible). stream(row, new_ids, new_text) is called as tokens become final
     (forces a host sync per token). use_cuda_graph / compile: "auto" = on CUDA — the decode step (and the
     speculative verifier) are `torch.compile`d and replayed from CUDA graphs (see `StepRunner`); compile
-    falls back to eager with a warning, and HYBRIDIZE_COMPILE=0 turns it off.
+    falls back to eager with a warning, and HYBRIDIZE_COMPILE=0 turns it off. fuse: fuse the projections
+    of the model (and the draft) that read the same input into one matmul each, for all of prefill and
+    decode (`HybridLM.fuse_projections_`: in place, no extra memory, state_dict unchanged; the model
+    stays fused afterwards); HYBRIDIZE_FUSE=0 turns it off.
 
     Returns a `GenerationResult` (tokens, texts, finish_reasons, stats)."""
     params = SamplingParams(temperature, top_k or None, top_p, repetition_penalty)
@@ -476,10 +505,10 @@ def generate(model, prompts, max_new_tokens: int = 64, *, draft=None, num_draft_
 
         stats = speculative_generate(model, draft, ids, out, params, gen, num_draft_tokens=num_draft_tokens,
                                      prefill_chunk=prefill_chunk, state_dtype=state_dtype,
-                                     use_cuda_graph=use_cuda_graph, compile=compile)
+                                     use_cuda_graph=use_cuda_graph, compile=compile, fuse=fuse)
     else:
         stats = _decode(model, ids, out, params, gen, prefill_chunk=prefill_chunk, check_every=check_every,
-                        state_dtype=state_dtype, use_cuda_graph=use_cuda_graph, compile=compile)
+                        state_dtype=state_dtype, use_cuda_graph=use_cuda_graph, compile=compile, fuse=fuse)
     texts = [out.text(b) for b in range(len(ids))] if tokenizer is not None else None
     return GenerationResult(tokens=out.tokens, texts=texts, finish_reasons=out.reason, prompt_tokens=ids,
                             stats=stats)
@@ -494,12 +523,13 @@ def _seen_mask(ids: list, V: int, device) -> Tensor:
 
 
 def _decode(model, ids: list, out: _Outputs, params: SamplingParams, gen, *, prefill_chunk: int,
-            check_every: int, state_dtype, use_cuda_graph, compile="auto") -> GenerationStats:
+            check_every: int, state_dtype, use_cuda_graph, compile="auto", fuse: bool = True) -> GenerationStats:
     device = next(model.parameters()).device
     B, N = len(ids), out.max_new
     max_seqlen = max(len(p) for p in ids) + N
     cache = alloc_cache(model, B, max_seqlen, state_dtype=state_dtype, device=device)
-    runner = StepRunner(model, cache, B, use_cuda_graph, compile)   # compiles + captures now, on the empty cache
+    # fuses the projections (prefill below uses them too), then compiles + captures on the empty cache
+    runner = StepRunner(model, cache, B, use_cuda_graph, compile, fuse=fuse)
 
     _sync(device)
     t0 = time.perf_counter()
@@ -536,4 +566,4 @@ def _decode(model, ids: list, out: _Outputs, params: SamplingParams, gen, *, pre
                            prefill_s=t1 - t0, decode_s=dec, steps=steps,
                            tokens_per_s=new / dec if dec > 0 else 0.0,
                            ms_per_step=1e3 * dec / max(steps, 1), cuda_graph=runner.graph is not None,
-                           compiled=runner.compiled)
+                           compiled=runner.compiled, fused=runner.fused)

@@ -69,7 +69,15 @@ from hybridize.generate.cache_ops import (
     select_rows,
     zero_,
 )
-from hybridize.generate.engine import GenerationStats, GraphedProgram, StepRunner, _seen_mask, _sync, prefill_
+from hybridize.generate.engine import (
+    GenerationStats,
+    GraphedProgram,
+    StepRunner,
+    _seen_mask,
+    _sync,
+    fuse_for_inference,
+    prefill_,
+)
 from hybridize.generate.sampling import SamplingParams, draw, probs_from_logits
 
 
@@ -342,15 +350,17 @@ class Verifier:
 
     verify and commit are `torch.compile`d and replayed from CUDA graphs on CUDA (`GraphedProgram`;
     static buffers: the returned logits are overwritten by the next call). Built on the empty cache
-    (warm-up runs are undone by zeroing it).
+    (warm-up runs are undone by zeroing it). fuse: fuse the target's projections first
+    (`engine.fuse_for_inference`; ``fused`` says whether they are).
 
     Memory beyond the cache: per SSD layer on Algorithm 2, the round's inputs (T × (x, dt, B) and T conv
     inputs per row) — the SSM state stays 1× (`buffer_bytes`); per recorded layer,
     (T + 1) × its state. ``lazy_layers``: the layers on Algorithm 2; ``rounds``: verify calls."""
 
     def __init__(self, model, cache, batch_size: int, T: int, use_cuda_graph: Union[bool, str] = "auto",
-                 compile: Union[bool, str] = "auto", lazy_ssd: bool = True):
+                 compile: Union[bool, str] = "auto", lazy_ssd: bool = True, fuse: bool = True):
         self.model, self.cache, self.T = model, cache, T
+        self.fused = fuse_for_inference(model, fuse)             # before compiling / capturing
         device = next(model.parameters()).device
         self.lazy, self.hist = [], []
         for blk, st in zip(model.layers, cache.states):
@@ -442,9 +452,9 @@ def _cumulative_seen(seen: Tensor, drafts: Tensor) -> Tensor:
 @torch.no_grad()
 def speculative_generate(target, draft, ids: list, out, params: SamplingParams, gen: torch.Generator, *,
                          num_draft_tokens: int, prefill_chunk: int, state_dtype, use_cuda_graph,
-                         compile: Union[bool, str] = "auto") -> GenerationStats:
+                         compile: Union[bool, str] = "auto", fuse: bool = True) -> GenerationStats:
     """The speculative decode loop behind `hybridize.generate(..., draft=...)`; fills `out` (the
-    engine's `_Outputs`) and returns the stats."""
+    engine's `_Outputs`) and returns the stats. fuse: fuse the projections of both models first."""
     check_draft(target, draft)
     K = int(num_draft_tokens)
     if K < 1:
@@ -456,8 +466,8 @@ def speculative_generate(target, draft, ids: list, out, params: SamplingParams, 
     max_seqlen = max(len(p) for p in ids) + N + 2 * T
     tcache = alloc_cache(target, B, max_seqlen, window_slack=T, state_dtype=state_dtype, device=device)
     dcache = alloc_cache(draft, B, max_seqlen, window_slack=T, state_dtype=state_dtype, device=device)
-    drunner = StepRunner(draft, dcache, B, use_cuda_graph, compile)
-    verifier = Verifier(target, tcache, B, T, use_cuda_graph, compile)
+    drunner = StepRunner(draft, dcache, B, use_cuda_graph, compile, fuse=fuse)    # both fuse first
+    verifier = Verifier(target, tcache, B, T, use_cuda_graph, compile, fuse=fuse)
     hist = StepHistory(dcache, T)
 
     _sync(device)
@@ -543,7 +553,7 @@ def speculative_generate(target, draft, ids: list, out, params: SamplingParams, 
         batch_size=B, prompt_tokens=sum(len(p) for p in ids), new_tokens=new_tokens, prefill_s=t1 - t0,
         decode_s=dec, steps=rounds, tokens_per_s=new_tokens / dec if dec > 0 else 0.0,
         ms_per_step=1e3 * dec / max(rounds, 1), cuda_graph=drunner.graph is not None and verifier.graphed,
-        compiled=drunner.compiled and verifier.compiled,
+        compiled=drunner.compiled and verifier.compiled, fused=drunner.fused and verifier.fused,
         num_draft_tokens=K, drafted=drafted, accepted=accepted,
         acceptance_rate=accepted / drafted if drafted else 0.0,
         mean_tokens_per_round=(accepted + row_rounds) / row_rounds if row_rounds else 0.0)

@@ -1,6 +1,8 @@
 """Multi-head attention (MHA / GQA / MQA) with RoPE, optional sliding window and a KV cache.
 
 Parameters are named like HF Llama/Mistral/Qwen2 (``q_proj, k_proj, v_proj, o_proj``) so weights map 1:1.
+For inference, ``fuse_projections_()`` runs q/k/v as one (H + 2 Hkv)·P × D matmul over the same
+Parameters (`hybridize.layers.fused`; state_dict and checkpoints unchanged).
 
 Sliding window (HF Mistral / Gemma / RecurrentGemma semantics, ``masking_utils.sliding_window_overlay``:
 ``kv_idx > q_idx - window``): the token at stream index ``p`` attends keys at ``p - window + 1 … p``, i.e.
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from hybridize.config import AttentionConfig
 from hybridize.layers.base import Mixer, MixerState, position_ids_from_seq_idx
+from hybridize.layers.fused import FusedProjections
 from hybridize.layers.rotary import RotaryEmbedding
 from hybridize.ops.attention import decode_attention, decode_kernel_ok, repeat_kv
 from hybridize.ops.attention.reference import slot_stream_index as _slot_stream_index
@@ -60,10 +63,11 @@ class KVCache(MixerState):
         return self.k.shape[2]
 
 
-class Attention(Mixer):
+class Attention(FusedProjections, Mixer):
     """Causal self-attention. ``Attention(hidden_size, cfg, layer_idx=0)``; see the module docstring."""
 
     kind = "attention"
+    _fused_names = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, hidden_size: int, cfg: AttentionConfig, layer_idx: int = 0):
         super().__init__()
@@ -89,9 +93,10 @@ class Attention(Mixer):
     def _qkv(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, D) → rotated q (B, H, L, P), rotated k (B, Hkv, L, P), v (B, Hkv, L, P)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._project(x)                  # one matmul when fused (split views of its output)
+        q = q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(position_ids)
         return self.rotary.apply_rotary(q, cos, sin), self.rotary.apply_rotary(k, cos, sin), v
 

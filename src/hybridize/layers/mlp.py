@@ -1,10 +1,12 @@
-"""Gated MLP (SwiGLU / GeGLU): down(act(gate(x)) * up(x)). Names match HF Llama / RecurrentGemma."""
+"""Gated MLP (SwiGLU / GeGLU): down(act(gate(x)) * up(x)). Names match HF Llama / RecurrentGemma.
+For inference, ``fuse_projections_()`` runs gate/up as one 2I × D matmul (`hybridize.layers.fused`)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridize.config import MLPConfig
+from hybridize.layers.fused import FusedProjections
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -13,7 +15,9 @@ _ACTIVATIONS = {
 }
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(FusedProjections, nn.Module):
+    _fused_names = ("gate_proj", "up_proj")
+
     def __init__(self, hidden_size: int, cfg: MLPConfig):
         super().__init__()
         self.act = _ACTIVATIONS[cfg.activation]
@@ -23,4 +27,5 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., D) → (..., D)."""
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self._project(x)                 # one matmul when fused
+        return self.down_proj(self.act(gate) * up)

@@ -12,6 +12,9 @@ so RecurrentGemma checkpoints map 1:1 (D = hidden_size, W = lru_width, H = num_h
     rg_lru.recurrent_param        (W,)         Λ
     linear_out Linear(W, D)                    out = linear_out(branch1 * branch2)
 
+linear_y and linear_x read the same input: for inference, ``fuse_projections_()`` runs them as one
+2W × D matmul (`hybridize.layers.fused`; state_dict and checkpoints unchanged).
+
 RG-LRU on the conv output x_t (per channel):
 
     r_t = σ(W_a x_t + b_a),  i_t = σ(W_x x_t + b_x)
@@ -43,6 +46,7 @@ from torch import Tensor, nn
 
 from hybridize.config import RGLRUConfig
 from hybridize.layers.base import Mixer, MixerState, doc_starts
+from hybridize.layers.fused import FusedProjections
 from hybridize.ops.conv1d import causal_conv1d, causal_conv1d_update
 from hybridize.ops.rglru import rglru_scan, rglru_step
 
@@ -135,10 +139,11 @@ def init_recurrent_param(width: int, min_decay: float = 0.9, max_decay: float = 
     return torch.log(1.0 / a - 1.0)  # softplus^-1(-log a) = log(exp(-log a) - 1)
 
 
-class RGLRUBlock(Mixer):
+class RGLRUBlock(FusedProjections, Mixer):
     """Griffin / Hawk recurrent block (see the module docstring)."""
 
     kind = "rglru"
+    _fused_names = ("linear_y", "linear_x")
 
     def __init__(self, hidden_size: int, cfg: RGLRUConfig, layer_idx: int = 0):
         super().__init__()
@@ -184,8 +189,8 @@ class RGLRUBlock(Mixer):
         return reset
 
     def _features(self, x: Tensor, state: Optional[RGLRUState], seq_idx: Optional[Tensor]):
-        y_branch = F.gelu(self.linear_y(x), approximate="tanh")
-        xb = self.linear_x(x)
+        y, xb = self._project(x)                    # one matmul when fused
+        y_branch = F.gelu(y, approximate="tanh")
         conv = causal_conv1d(xb, self._conv_weight(), self.conv_1d.bias,
                              initial_state=None if state is None else state.conv, seq_idx=seq_idx,
                              activation=None, return_final_state=state is not None)
@@ -215,8 +220,8 @@ class RGLRUBlock(Mixer):
 
     def step(self, x: Tensor, state: RGLRUState) -> Tensor:
         """One token: x (B, D) → y (B, D); state updated in place."""
-        y_branch = F.gelu(self.linear_y(x), approximate="tanh")
-        xb = self.linear_x(x)
+        y, xb = self._project(x)                    # one matmul when fused
+        y_branch = F.gelu(y, approximate="tanh")
         xc = causal_conv1d_update(xb, state.conv, self._conv_weight(), self.conv_1d.bias, activation=None)
         reset = state.lengths == 0
         log_a, v, m = self.rg_lru.gates(xc, reset)
