@@ -37,22 +37,30 @@ def _settings(quick: bool) -> dict:
         return {
             "mqar": dict(seq_len=32, kv=2, vocab=64, widths=[32], steps=4, batch=8, lrs=[3e-3], every=2,
                          mixers=["attention", "mamba2:16", "mamba2:64", "mamba1"]),
-            "copy": dict(seq_len=24, tokens=4, steps=4, batch=8, lr=3e-3, width=32, window=8, every=2,
+            "copy": dict(seq_len=24, tokens=4, steps=4, batch=8, lr=3e-3, width=32, window=8, every=2, layers=3,
                          mixers=["attention", "rglru", "griffin"]),
             "induction": dict(seq_len=16, eval_lengths=[16, 32, 64], steps=4, batch=8, lr=3e-3, width=32,
                               window=8, mixers=["attention", "rglru", "griffin"]),
             "eval_examples": 16,
         }
     return {
-        # MQAR as in the Mamba-2 paper's harder setting: kv = L/4 pairs (the densest Zoology allows), vocab
-        # 8192. Each cell trains until it solves the task (eval accuracy ≥ 0.99, checked every `every`
-        # steps) or its share of the time runs out: time left ÷ cells left, so solved cells pass time on.
-        "mqar": dict(seq_len=256, kv=64, vocab=8192, widths=[64, 128], steps=20000, batch=128,
-                     lrs=[2e-3, 6e-3], every=200,
+        # MQAR with kv = L/4 pairs (the densest Zoology allows, as in the Mamba-2 paper's harder setting) at
+        # L = 128 and a 512-token vocabulary: the recall capacity that separates the mixers is set by kv
+        # against the state size, while Zoology's 8192-token vocabulary mostly costs steps (embeddings of
+        # 8192 tokens seen rarely) — measured on an H100: at V = 8192, L = 256, kv = 64 attention solves it in
+        # 800-1000 steps and no recurrent model leaves chance within 1000 steps
+        # (benchmarks/results/synthetic_mqar_h100_v8192.json). --mqar-vocab 8192 restores Zoology's.
+        # Each cell trains until it solves the task (eval accuracy >= 0.99, checked every `every` steps)
+        # or its share of the time runs out: time left / cells left, so solved cells pass time on.
+        "mqar": dict(seq_len=128, kv=32, vocab=512, widths=[64, 128], steps=20000, batch=128,
+                     lrs=[3e-3, 1e-3], every=200,
                      mixers=["attention", "mamba2:16", "mamba2:64", "mamba2:256", "mamba1"]),
-        # selective copying: 8 data tokens among 128 positions, vocab 16; Griffin's local window 32
-        "copy": dict(seq_len=128, tokens=8, steps=1500, batch=128, lr=3e-3, width=128, window=32, every=100,
-                     mixers=["attention", "rglru", "griffin"]),
+        # selective copying: 8 data tokens among 128 positions, vocab 16. Three layers, so that Griffin has its
+        # own block pattern (RG-LRU, RG-LRU, local MQA) with a window of L/2: with two layers it is one
+        # RG-LRU layer plus a local layer that cannot see the data tokens, and plateaus at ~0.5 accuracy
+        # while 2-layer Hawk reaches 1.0 (H100 run of 2026-11-22, benchmarks/results/synthetic_h100.json)
+        "copy": dict(seq_len=128, tokens=8, steps=1500, batch=128, lr=3e-3, width=128, window=64, every=100,
+                     layers=3, mixers=["attention", "rglru", "griffin"]),
         # induction heads: train at 128, evaluate up to 16×; Griffin's local window 64
         "induction": dict(seq_len=128, eval_lengths=[128, 256, 512, 1024, 2048], steps=1200, batch=128,
                           lr=3e-3, width=128, window=64, mixers=["attention", "rglru", "griffin"]),
@@ -181,6 +189,9 @@ def run(args) -> dict:
     S = _settings(args.quick)
     for exp in ("mqar", "copy", "induction"):
         S[exp]["steps"] = max(1, int(round(S[exp]["steps"] * args.steps_scale)))
+    for key in ("layers", "window"):
+        if getattr(args, f"copy_{key}", None) is not None:
+            S["copy"][key] = getattr(args, f"copy_{key}")
     for key in ("seq_len", "kv", "vocab", "widths", "steps", "batch", "lrs", "mixers"):
         if getattr(args, f"mqar_{key}") is not None:
             S["mqar"][key] = getattr(args, f"mqar_{key}")
@@ -233,10 +244,14 @@ def run(args) -> dict:
     out["copy"] = {}
     if "copy" in tasks:
         budget.start("copy")
-    for mixer in c["mixers"]:
+    for n, mixer in enumerate(c["mixers"]):
+        # guard: a cell may not take more than its share of the time left (the call has a hard limit)
+        limit = max(1.0, budget.left() / (len(c["mixers"]) - n))
         r = _run(budget, skipped, f"copy {mixer}", **cell, task="selective_copying", mixer=mixer, width=c["width"],
+                 time_limit_s=limit,
                  seq_len=c["seq_len"], lr=c["lr"], steps=c["steps"], batch_size=c["batch"],
                  task_kwargs=dict(num_data_tokens=c["tokens"]), eval_every=c["every"], window=c["window"],
+                 num_layers=c.get("layers", 2),
                  **common)
         if r:
             out["copy"][mixer] = r
@@ -248,8 +263,10 @@ def run(args) -> dict:
     out["induction"] = {}
     if "induction" in tasks:
         budget.start("induction")
-    for mixer in i["mixers"]:
+    for n, mixer in enumerate(i["mixers"]):
+        limit = max(1.0, budget.left() / (len(i["mixers"]) - n))
         r = _run(budget, skipped, f"induction {mixer}", **cell, task="induction_heads", mixer=mixer, width=i["width"],
+                 time_limit_s=limit,
                  seq_len=i["seq_len"], lr=i["lr"], steps=i["steps"], batch_size=i["batch"],
                  eval_lengths=i["eval_lengths"], window=i["window"], **common)
         if r:
@@ -267,6 +284,10 @@ def _steps_to(hist: list, thr: float) -> float:
     return next((h["step"] for h in hist if h["accuracy"] >= thr), math.inf)
 
 
+MARGIN = 0.05      # "clearly better": by this much accuracy
+TIE = 0.02         # "no worse": within this much
+
+
 def checks(out: dict) -> dict:
     """The qualitative claims, evaluated on this run (None where a cell is missing)."""
     res: dict = {}
@@ -276,10 +297,15 @@ def checks(out: dict) -> dict:
     res["mqar_attention_solves_every_width"] = None if None in att or not att else all(a >= 0.9 for a in att)
     m2 = [max((by.get((f"mamba2 (N={n})", w)) or 0) for n in (16, 64, 256)) for w in widths]
     m1 = [by.get(("mamba1 (N=16)", w), by.get(("mamba1", w))) for w in widths]
-    res["mqar_mamba2_beats_mamba1"] = None if None in m1 or not m1 else all(a > b for a, b in zip(m2, m1))
+    # As in the papers' figures, a claim is read across widths: never worse (within TIE) at any width, and
+    # clearly better (by MARGIN) where the task is not saturated — at large widths every mixer may solve
+    # it. A difference of a few examples is no evidence either way.
+    res["mqar_mamba2_beats_mamba1"] = None if None in m1 or not m1 else \
+        all(a >= b - TIE for a, b in zip(m2, m1)) and any(a > b + MARGIN for a, b in zip(m2, m1))
     ns = [[by.get((f"mamba2 (N={n})", w)) for n in (16, 64, 256)] for w in widths]
     res["mqar_mamba2_improves_with_state"] = None if any(None in row for row in ns) or not ns else \
-        all(row[0] <= row[1] + 0.02 and row[1] <= row[2] + 0.02 and row[2] > row[0] for row in ns)
+        all(r[0] <= r[1] + TIE and r[1] <= r[2] + TIE for r in ns) and any(r[2] > r[0] + MARGIN for r in ns)
+    res["mqar_by_width"] = {w: {label: a for (label, ww), a in sorted(by.items()) if ww == w} for w in widths}
     cp = out.get("copy", {})
     if {"attention", "rglru", "griffin"} <= set(cp):
         thr = 0.9 * max(cp["attention"]["accuracy"], 1e-9)
@@ -292,7 +318,7 @@ def checks(out: dict) -> dict:
     ind = out.get("induction", {})
     if {"attention", "rglru", "griffin"} <= set(ind):
         longest = max(int(k) for k in ind["attention"]["accuracy_by_length"])
-        acc = {k: ind[k]["accuracy_by_length"][longest] for k in ind}
+        acc = {k: {int(L): a for L, a in ind[k]["accuracy_by_length"].items()}[longest] for k in ind}  # JSON keys
         res["induction_accuracy_at_longest"] = {"length": longest, **acc}
         res["induction_recurrent_extrapolates_transformer_does_not"] = \
             min(acc["rglru"], acc["griffin"]) >= 0.9 and acc["attention"] < 0.5
@@ -359,16 +385,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every experiment's training steps (e.g. 0.5 on a slower GPU)")
     p.add_argument("--mqar-lrs", type=float, nargs="+", default=None,
-                   help="MQAR learning rates to sweep (best kept per cell; default 2e-3 6e-3)")
-    p.add_argument("--mqar-seq-len", type=int, default=None, help="MQAR sequence length (default 256)")
-    p.add_argument("--mqar-kv", type=int, default=None, help="MQAR key-value pairs (default 64 = L/4)")
-    p.add_argument("--mqar-vocab", type=int, default=None, help="MQAR vocabulary (default 8192, Zoology's)")
+                   help="MQAR learning rates to sweep (best kept per cell; default 3e-3 1e-3)")
+    p.add_argument("--mqar-seq-len", type=int, default=None, help="MQAR sequence length (default 128)")
+    p.add_argument("--mqar-kv", type=int, default=None, help="MQAR key-value pairs (default 32 = L/4)")
+    p.add_argument("--mqar-vocab", type=int, default=None, help="MQAR vocabulary (default 512; Zoology's is 8192)")
     p.add_argument("--mqar-widths", type=int, nargs="+", default=None, help="model widths (default 64 128)")
     p.add_argument("--mqar-mixers", nargs="+", default=None,
                    help="mixers (default attention mamba2:16 mamba2:64 mamba2:256 mamba1)")
     p.add_argument("--mqar-steps", type=int, default=None,
                    help="most training steps of a cell (default 20000; cells stop when solved or out of time)")
     p.add_argument("--mqar-batch", type=int, default=None, help="MQAR batch size (default 128)")
+    p.add_argument("--copy-layers", type=int, default=None, help="selective-copying model depth (default 3)")
+    p.add_argument("--copy-window", type=int, default=None, help="Griffin's local window for copying (default 64)")
     p.add_argument("--reference-scans", action="store_true",
                    help="keep the sequential RG-LRU / Mamba-1 reference scans (slow; default: chunked ones)")
     args = p.parse_args(argv)
