@@ -118,6 +118,26 @@ def test_loss_decreases_on_hybridlm_packed_corpus(tmp_path):
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
+def test_trains_and_checkpoints_a_model_fused_for_inference(tmp_path):
+    """A model fused for generation (one tensor behind q/k/v and gate/up) can be trained and checkpointed:
+    the Trainer unfuses it (same Parameters), and the checkpoint resumes."""
+    from hybridize.config import preset
+    from hybridize.model import HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("llama-debug", vocab_size=64)).fuse_projections_()
+    assert model.projections_fused()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = [torch.randint(0, 64, (2, 16)) for _ in range(6)]
+    data = [{"input_ids": x, "labels": x} for x in ids]
+    out = Trainer(model, iter(data), config=cfg(max_steps=3, batch_size=2, seq_len=16, save_every=2,
+                                                 out_dir=str(tmp_path))).train()
+    assert out["steps"] == 3 and not model.projections_fused()
+    assert (tmp_path / "checkpoints" / "latest").exists()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("q_proj" in k for k in changed) and any("gate_proj" in k for k in changed)
+
+
 # ---------------------------------------------------------------------------- schedules
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_schedule_shapes(schedule):

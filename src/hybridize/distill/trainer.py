@@ -311,6 +311,11 @@ class Trainer:
                  config: Optional[TrainConfig] = None, eval_fn: Optional[Callable] = None,
                  trainable_params: Optional[Iterable[nn.Parameter]] = None):
         self.cfg = (config or TrainConfig(max_steps=100)).validate()
+        # a model fused for inference (`HybridLM.fuse_projections_`) trains through its separate Linears
+        # anyway, and safetensors' save_model refuses Parameters that are views of one bigger tensor:
+        # give them their own storage again (same Parameter objects, same values)
+        if hasattr(model, "unfuse_projections_"):
+            model.unfuse_projections_()
         self.model = model
         self.train_data = train_data
         self.loss_fn = loss_fn or lm_loss_fn
