@@ -50,7 +50,7 @@ SMOKE = False             # --smoke: tiny shapes on CPU under TRITON_INTERPRET=1
 
 
 # ------------------------------------------------------------------------------------------------ utils
-from hybridize.bench.utils import Budget, import_mamba_ssm, write_json  # noqa: E402
+from hybridize.bench.utils import Budget, import_mamba_ssm, rerun_under_interpreter, write_json  # noqa: E402
 from hybridize.bench.utils import err as _err  # noqa: E402
 
 
@@ -408,6 +408,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
+        rc = rerun_under_interpreter("hybridize.bench.ssd", argv)
+        if rc is not None:
+            return rc
         _enter_smoke_mode(args)
 
     results = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "shape": {

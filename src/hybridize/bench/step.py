@@ -54,7 +54,7 @@ SMOKE = False               # --smoke: tiny shapes on CPU under TRITON_INTERPRET
 
 
 # ------------------------------------------------------------------------------------------------ utils
-from hybridize.bench.utils import Budget, import_mamba_ssm, write_json  # noqa: E402
+from hybridize.bench.utils import Budget, import_mamba_ssm, rerun_under_interpreter, write_json  # noqa: E402
 from hybridize.bench.utils import err as _err  # noqa: E402
 
 
@@ -637,6 +637,9 @@ def main(argv=None):
     global SWEEPS
     SWEEPS = not args.skip_tuning
     if args.smoke:
+        rc = rerun_under_interpreter("hybridize.bench.step", argv)
+        if rc is not None:
+            return rc
         _enter_smoke_mode()
 
     results = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),

@@ -6,6 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 
 def write_json(obj, path, *, indent: int = 1) -> None:
@@ -57,3 +58,17 @@ def import_mamba_ssm(module: str, name: str):
         pkg.__path__ = list(spec.submodule_search_locations)
         sys.modules["mamba_ssm"] = pkg
         return getattr(importlib.import_module(f"mamba_ssm.{module}"), name)
+
+
+def rerun_under_interpreter(module: str, argv) -> Optional[int]:
+    """--smoke runs kernels under the Triton interpreter, which triton picks when a kernel is *decorated*
+    (import time): setting TRITON_INTERPRET=1 later mixes interpreted and compiled functions ("Cannot call
+    @triton.jit'd outside of the scope of a kernel"). So, unless it was set from the start, run the suite
+    again in a fresh process that has it → that process's exit code; None when already interpreting."""
+    import subprocess
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    args = list(sys.argv[1:] if argv is None else argv)
+    return subprocess.call([sys.executable, "-m", module, *args], env=dict(os.environ, TRITON_INTERPRET="1"))
