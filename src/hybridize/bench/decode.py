@@ -66,6 +66,10 @@ def free_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
+#: --state-dtype: the recurrent states' dtype (the KV cache follows the weights, bf16)
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def build_model(name: str, device, dtype) -> HybridLM:
     torch.manual_seed(0)
     with torch.device(device):
@@ -73,13 +77,13 @@ def build_model(name: str, device, dtype) -> HybridLM:
     return model.to(dtype=dtype).eval()
 
 
-def step_bytes(model: HybridLM, batch: int, context: float, kv_dtype) -> dict:
+def step_bytes(model: HybridLM, batch: int, context: float, kv_dtype, state_dtype=torch.float32) -> dict:
     """HBM bytes one decode step must move (see the module docstring)."""
     emb = model.embed_tokens.weight
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if not model.cfg.tie_embeddings:      # untied: the input table is only gathered (B rows)
         weights -= emb.numel() * emb.element_size() - batch * emb.shape[1] * emb.element_size()
-    mem = model.decode_memory(max(int(context), 1), dtype=kv_dtype)
+    mem = model.decode_memory(max(int(context), 1), dtype=kv_dtype, state_dtype=state_dtype)
     kv = batch * mem["kv_cache_bytes"]
     rec = 2 * batch * mem["recurrent_state_bytes"]          # read + write back
     return {"weights": weights, "kv_cache": kv, "recurrent_state_rw": rec, "total": weights + kv + rec}
@@ -93,17 +97,17 @@ def bench_hybridize(model, name, batch, context, args, device, compile="auto") -
     sync(device)
     t0 = time.perf_counter()
     res = generate(model, prompts, max_new_tokens=args.new_tokens, use_cuda_graph="auto", compile=compile,
-                   prefill_chunk=args.prefill_chunk, fuse=args.fuse)
+                   prefill_chunk=args.prefill_chunk, fuse=args.fuse, state_dtype=STATE_DTYPES[args.state_dtype])
     sync(device)
     s = res.stats
     setup_s = time.perf_counter() - t0 - s.prefill_s - s.decode_s
     ms = 1e3 * s.decode_s / s.steps
-    by = step_bytes(model, batch, context + args.new_tokens / 2, torch.bfloat16)
+    by = step_bytes(model, batch, context + args.new_tokens / 2, torch.bfloat16, STATE_DTYPES[args.state_dtype])
     floor_ms = 1e3 * by["total"] / args.hbm_bw
     return {"model": name if s.compiled else f"{name} (no compile)", "batch": batch, "context": context,
             "new_tokens": s.steps, "ms_per_token": ms, "tokens_per_s": batch * s.steps / s.decode_s,
             "prefill_s": s.prefill_s, "setup_s": setup_s, "cuda_graph": s.cuda_graph, "compiled": s.compiled,
-            "fused": s.fused,
+            "fused": s.fused, "state_dtype": args.state_dtype,
             "hbm_floor_ms": floor_ms, "hbm_floor_tokens_per_s": 1e3 * batch / floor_ms,
             "fraction_of_hbm_floor": floor_ms / ms, "bytes_per_step": by}
 
@@ -263,6 +267,8 @@ def main(argv=None) -> int:
                    "`generate` on that HybridLM (GenerationMixin path), to compare with this engine")
     p.add_argument("--hf-compile", action="store_true", help="let HF's generate torch.compile the static-cache "
                    "forward (compiles once per batch/context: slow)")
+    p.add_argument("--state-dtype", default="fp32", choices=list(STATE_DTYPES),
+                   help="recurrent state dtype of the hybrids (default fp32; bf16 halves the state bytes)")
     p.add_argument("--hbm-bw", type=float, default=3.35e12, help="HBM bytes/s for the floor (H100 SXM)")
     p.add_argument("--mem-fraction", type=float, default=0.8, help="skip configs whose KV/state estimate "
                    "exceeds this fraction of free GPU memory")
