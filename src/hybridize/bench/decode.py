@@ -33,7 +33,6 @@ import argparse
 import functools
 import gc
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from hybridize.generate import generate
 from hybridize.generate.cache_ops import alloc_cache, restore_positions_, save_positions
 from hybridize.generate.engine import StepRunner, fuse_wanted, prefill_
 from hybridize.generate.speculative import Verifier
-from hybridize.bench.utils import write_json
+from hybridize.bench.utils import median_ms, write_json
 from hybridize.model import HybridLM
 
 T_START = time.perf_counter()
@@ -184,24 +183,7 @@ def bench_verify(model, name, batch, context, args, device) -> list:
     tok = torch.randint(0, V, (batch,), generator=g).to(device)
 
     def events(fn, undo, reps):
-        """Median ms of fn() (CUDA events on GPU), undo() between reps, untimed."""
-        ts = []
-        for i in range(reps + 2):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ms = a.elapsed_time(b)
-            else:
-                t = time.perf_counter()
-                fn()
-                ms = 1e3 * (time.perf_counter() - t)
-            undo()
-            if i >= 2:
-                ts.append(ms)
-        return statistics.median(ts)
+        return median_ms(fn, undo, reps, device)
 
     restore = functools.partial(restore_positions_, cache, saved)
     step_ms = events(lambda: runner(tok), restore, args.verify_reps)

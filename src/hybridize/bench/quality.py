@@ -1102,8 +1102,14 @@ def config_from_args(args) -> QualityConfig:
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
-    fields = {f.name for f in dataclasses.fields(QualityConfig)}
-    for item in args.set or []:
+    return apply_settings(base, kw, args.set)
+
+
+def apply_settings(base, kw: dict, sets) -> "QualityConfig":
+    """`base` (a QualityConfig or subclass) with the fields in `kw` and the ``--set KEY=VALUE`` items
+    (parsed like the field's current value) replaced, validated; an unknown key exits with the list."""
+    fields = {f.name for f in dataclasses.fields(base)}
+    for item in sets or []:
         k, _, v = item.partition("=")
         if k not in fields:
             raise SystemExit(f"--set {item!r}: unknown setting; known: {sorted(fields)}")

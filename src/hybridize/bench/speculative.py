@@ -55,7 +55,6 @@ import functools
 import json
 import os
 import shlex
-import statistics
 import sys
 import time
 import traceback
@@ -71,7 +70,7 @@ from hybridize.bench.quality import (
     Results,
     Study,
     _finite,
-    _parse_value,
+    apply_settings,
     amp,
     environment,
     evaluate,
@@ -80,7 +79,7 @@ from hybridize.bench.quality import (
     save_teacher,
     time_steps,
 )
-from hybridize.bench.utils import err, write_json
+from hybridize.bench.utils import err, median_ms, write_json
 
 PHASES = ("train", "bench", "all")
 TARGET_KINDS = ("hybrid", "teacher")
@@ -426,25 +425,8 @@ def _sync(device) -> None:
 
 
 def _median_ms(fn, undo, reps: int, device) -> float:
-    """Median ms of fn() over `reps` calls after 2 warm-ups (CUDA events on GPU), undo() between calls,
-    untimed (`bench.decode.bench_verify`'s timing)."""
-    ts = []
-    for i in range(reps + 2):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ms = a.elapsed_time(b)
-        else:
-            t = time.perf_counter()
-            fn()
-            ms = 1e3 * (time.perf_counter() - t)
-        undo()
-        if i >= 2:
-            ts.append(ms)
-    return statistics.median(ts)
+    """Median ms of fn() over `reps` calls (`bench.utils.median_ms`, as `bench.decode.bench_verify` times)."""
+    return median_ms(fn, undo, reps, device)
 
 
 @torch.no_grad()
@@ -952,13 +934,7 @@ def config_from_args(args) -> SpecConfig:
         v = getattr(args, name)
         if v is not None:
             kw[name] = _tuple(v, kind)
-    fields = {f.name for f in dataclasses.fields(SpecConfig)}
-    for item in args.set or []:
-        k, _, v = item.partition("=")
-        if k not in fields:
-            raise SystemExit(f"--set {item!r}: unknown setting; known: {sorted(fields)}")
-        kw[k] = _parse_value(v, getattr(base, k))
-    return dataclasses.replace(base, **kw).validate()
+    return apply_settings(base, kw, args.set)
 
 
 def main(argv=None) -> int:

@@ -72,3 +72,29 @@ def rerun_under_interpreter(module: str, argv) -> Optional[int]:
         return None
     args = list(sys.argv[1:] if argv is None else argv)
     return subprocess.call([sys.executable, "-m", module, *args], env=dict(os.environ, TRITON_INTERPRET="1"))
+
+
+def median_ms(fn, undo, reps: int, device) -> float:
+    """Median milliseconds of fn() over `reps` calls after 2 warm-ups — CUDA events on a GPU, the host
+    clock elsewhere — with undo() (untimed) after every call, e.g. to roll a cache back."""
+    import statistics
+
+    import torch
+
+    ts = []
+    for i in range(reps + 2):
+        if torch.device(device).type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ms = a.elapsed_time(b)
+        else:
+            t = time.perf_counter()
+            fn()
+            ms = 1e3 * (time.perf_counter() - t)
+        undo()
+        if i >= 2:
+            ts.append(ms)
+    return statistics.median(ts)
