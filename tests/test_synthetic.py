@@ -242,3 +242,18 @@ def test_cli_synthetic_sweep_json_and_plots(tmp_path, capsys):
     assert json.loads((tmp_path / "res.json").read_text())["task"] == "induction_heads"
     for name in ("acc.png", "acc-lengths.png", "acc-curves.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_cli_synthetic_stop_at_accuracy(capsys):
+    """--stop-at-accuracy ends every cell at its first eval that reaches it; without --eval-every it is a
+    clear error, not a stack trace."""
+    rc = _run_eval_cli(["synthetic", "--task", "mqar", "--mixers", "attention", "--widths", "32", "--lrs",
+                        "1e-3", "--seq-lens", "16", "--kv-pairs", "2", "--steps", "6", "--batch-size", "8",
+                        "--eval-examples", "16", "--eval-every", "2", "--stop-at-accuracy", "0", "--json"])
+    assert rc == 0
+    (cell,) = json.loads(capsys.readouterr().out)["cells"]
+    assert cell["stopped"] == "solved" and cell["steps_run"] == 2
+    with pytest.raises((SystemExit, Exception), match="eval_every|eval-every") as e:
+        _run_eval_cli(["synthetic", "--task", "mqar", "--mixers", "attention", "--widths", "32", "--seq-lens",
+                       "16", "--kv-pairs", "2", "--steps", "2", "--stop-at-accuracy", "0.9"])
+    assert not isinstance(e.value, (AttributeError, TypeError, KeyError))

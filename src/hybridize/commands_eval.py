@@ -304,7 +304,8 @@ def cmd_eval_synthetic(args) -> int:
                         progress=not args.json, steps=args.steps, batch_size=args.batch_size,
                         task_kwargs=task_kwargs, eval_examples=args.eval_examples, eval_lengths=eval_lengths,
                         eval_every=args.eval_every, num_layers=args.layers, window=args.window,
-                        mlp_mult=args.mlp_mult, seed=args.seed, device=str(device), dtype=args.dtype)
+                        mlp_mult=args.mlp_mult, seed=args.seed, device=str(device), dtype=args.dtype,
+                        stop_at_accuracy=args.stop_at_accuracy, time_limit_s=args.cell_time_limit)
     except SyntheticTaskError as e:
         raise _user_error(str(e)) from None
     plots = {}
@@ -384,6 +385,10 @@ def add_synthetic_parser(sub) -> None:
                    help="also evaluate at these lengths (length extrapolation, e.g. 512 1024 2048 4096)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="record accuracy every k steps (learning curves)")
+    p.add_argument("--stop-at-accuracy", type=float, default=None,
+                   help="end a cell once an eval (every --eval-every steps) reaches this accuracy, e.g. 0.99")
+    p.add_argument("--cell-time-limit", type=float, default=None,
+                   help="seconds of training per cell at most (then measured as it is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
