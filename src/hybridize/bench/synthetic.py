@@ -38,7 +38,7 @@ def _settings(quick: bool) -> dict:
             "mqar": dict(seq_len=32, kv=2, vocab=64, widths=[32], steps=4, batch=8, lrs=[3e-3], every=2,
                          mixers=["attention", "mamba2:16", "mamba2:64", "mamba1"]),
             "copy": dict(seq_len=24, tokens=4, steps=4, batch=8, lr=3e-3, width=32, window=8, every=2, layers=3,
-                         mixers=["attention", "rglru", "griffin"]),
+                         mixers=["attention", "rglru", "griffin", "griffin@24"]),
             "induction": dict(seq_len=16, eval_lengths=[16, 32, 64], steps=4, batch=8, lr=3e-3, width=32,
                               window=8, mixers=["attention", "rglru", "griffin"]),
             "eval_examples": 16,
@@ -59,8 +59,9 @@ def _settings(quick: bool) -> dict:
         # own block pattern (RG-LRU, RG-LRU, local MQA) with a window of L/2: with two layers it is one
         # RG-LRU layer plus a local layer that cannot see the data tokens, and plateaus at ~0.5 accuracy
         # while 2-layer Hawk reaches 1.0 (H100 run of 2026-11-22, benchmarks/results/synthetic_h100.json)
+        # ("griffin@128": the same Griffin with a window covering the sequence, the CPU probe's fast case)
         "copy": dict(seq_len=128, tokens=8, steps=1500, batch=128, lr=3e-3, width=128, window=64, every=100,
-                     layers=3, mixers=["attention", "rglru", "griffin"]),
+                     layers=3, mixers=["attention", "rglru", "griffin", "griffin@128"]),
         # induction heads: train at 128, evaluate up to 16×; Griffin's local window 64
         "induction": dict(seq_len=128, eval_lengths=[128, 256, 512, 1024, 2048], steps=1200, batch=128,
                           lr=3e-3, width=128, window=64, mixers=["attention", "rglru", "griffin"]),
@@ -133,6 +134,12 @@ def use_fast_scans(device: str) -> dict:
 
 LABEL = {"attention": "Transformer (MHA)", "rglru": "Hawk (RG-LRU)",
          "griffin": "Griffin (RG-LRU + local MQA)"}
+
+
+def mixer_label(mixer: str) -> str:
+    """Plot label of a suite mixer name ("griffin@128": Griffin with local window 128)."""
+    kind, _, win = mixer.partition("@")
+    return LABEL.get(kind, kind) + (f", window {win}" if win else "")
 
 
 #: shares of --time-budget per experiment; time one leaves unused passes to the next
@@ -245,12 +252,14 @@ def run(args) -> dict:
     if "copy" in tasks:
         budget.start("copy")
     for n, mixer in enumerate(c["mixers"]):
+        kind, _, win = mixer.partition("@")          # "griffin@128": Griffin with a local window of 128
         # guard: a cell may not take more than its share of the time left (the call has a hard limit)
         limit = max(1.0, budget.left() / (len(c["mixers"]) - n))
-        r = _run(budget, skipped, f"copy {mixer}", **cell, task="selective_copying", mixer=mixer, width=c["width"],
+        r = _run(budget, skipped, f"copy {mixer}", **cell, task="selective_copying", mixer=kind, width=c["width"],
                  time_limit_s=limit,
                  seq_len=c["seq_len"], lr=c["lr"], steps=c["steps"], batch_size=c["batch"],
-                 task_kwargs=dict(num_data_tokens=c["tokens"]), eval_every=c["every"], window=c["window"],
+                 task_kwargs=dict(num_data_tokens=c["tokens"]), eval_every=c["every"],
+                 window=int(win) if win else c["window"],
                  num_layers=c.get("layers", 2),
                  **common)
         if r:
@@ -315,6 +324,10 @@ def checks(out: dict) -> dict:
         res["copy_mean_accuracy_during_training"] = auc
         res["copy_griffin_about_as_fast_as_transformer"] = auc["griffin"] >= auc["attention"] - 0.1
         res["copy_hawk_slower"] = auc["rglru"] < min(auc["griffin"], auc["attention"])
+        full = [k for k in cp if k.startswith("griffin@")]
+        if full:        # Griffin whose local window covers the sequence
+            res["copy_griffin_full_window_about_as_fast_as_transformer"] = \
+                {k: auc[k] >= auc["attention"] - 0.1 for k in full}
     ind = out.get("induction", {})
     if {"attention", "rglru", "griffin"} <= set(ind):
         longest = max(int(k) for k in ind["attention"]["accuracy_by_length"])
@@ -344,13 +357,13 @@ def plot(out: dict, path: str) -> str:
     for mixer, r in out.get("copy", {}).items():
         h = r["history"]
         ax[1].plot([x["step"] for x in h], [x["accuracy"] for x in h], marker=".",
-                   label=LABEL.get(mixer, mixer))
+                   label=mixer_label(mixer))
     c = out["settings"]["copy"]
     ax[1].set(title=f"(b) selective copying, L={c['seq_len']}", xlabel="training step", ylabel="accuracy",
               ylim=(-0.02, 1.02))
     for mixer, r in out.get("induction", {}).items():
         items = sorted((int(k), v) for k, v in r["accuracy_by_length"].items())
-        ax[2].plot([k for k, _ in items], [v for _, v in items], marker="o", label=LABEL.get(mixer, mixer))
+        ax[2].plot([k for k, _ in items], [v for _, v in items], marker="o", label=mixer_label(mixer))
     i = out["settings"]["induction"]
     ax[2].axvline(i["seq_len"], ls="--", color="grey", lw=1)
     ax[2].set(title=f"(c) induction heads, trained at L={i['seq_len']}", xlabel="evaluation length",
