@@ -54,7 +54,7 @@ SMOKE = False               # --smoke: tiny shapes on CPU under TRITON_INTERPRET
 
 
 # ------------------------------------------------------------------------------------------------ utils
-from hybridize.bench.utils import Budget, import_mamba_ssm, rerun_under_interpreter, write_json  # noqa: E402
+from hybridize.bench.utils import Budget, import_mamba_ssm, rerun_under_interpreter, results_saver  # noqa: E402
 from hybridize.bench.utils import err as _err  # noqa: E402
 
 
@@ -645,13 +645,8 @@ def main(argv=None):
     results = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                "hbm_bw_bytes_per_s": HBM_BW}
 
-    def save():
-        write_json(results, args.json_out)
-
-    if not torch.cuda.is_available() and not SMOKE:
-        results["error"] = "CUDA is not available"
-        save()
-        print("CUDA is not available", file=sys.stderr)
+    save = results_saver(results, args.json_out, smoke=SMOKE)
+    if save is None:
         return 1
     budget = Budget(args.budget_s)
     results["env"] = _env()

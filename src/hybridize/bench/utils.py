@@ -98,3 +98,21 @@ def median_ms(fn, undo, reps: int, device) -> float:
         if i >= 2:
             ts.append(ms)
     return statistics.median(ts)
+
+
+def results_saver(results: dict, path, *, smoke: bool):
+    """save() for a suite's `results` (atomic JSON at `path`); None — with the reason recorded, written and
+    printed — when there is no CUDA device and this is not a --smoke run."""
+    import sys
+
+    import torch
+
+    def save():
+        write_json(results, path)
+
+    if not torch.cuda.is_available() and not smoke:
+        results["error"] = "CUDA is not available"
+        save()
+        print("CUDA is not available", file=sys.stderr)
+        return None
+    return save
