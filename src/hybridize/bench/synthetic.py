@@ -322,12 +322,17 @@ def checks(out: dict) -> dict:
         res["copy_steps_to_90pct_of_transformer"] = {k: (None if math.isinf(v) else v) for k, v in s.items()}
         auc = {k: sum(h["accuracy"] for h in cp[k]["history"]) / max(len(cp[k]["history"]), 1) for k in cp}
         res["copy_mean_accuracy_during_training"] = auc
-        res["copy_griffin_about_as_fast_as_transformer"] = auc["griffin"] >= auc["attention"] - 0.1
-        res["copy_hawk_slower"] = auc["rglru"] < min(auc["griffin"], auc["attention"])
-        full = [k for k in cp if k.startswith("griffin@")]
-        if full:        # Griffin whose local window covers the sequence
-            res["copy_griffin_full_window_about_as_fast_as_transformer"] = \
-                {k: auc[k] >= auc["attention"] - 0.1 for k in full}
+        # The claim's Griffin is the one whose local window covers the sequence, as in the paper (its
+        # Griffin's 1024-token window exceeds the synthetic tasks' lengths); narrower windows are reported
+        # as an ablation: a local layer that cannot see the data tokens does not help copying.
+        seq_len = out.get("settings", {}).get("copy", {}).get("seq_len", 0)
+        full = [k for k in cp if k.startswith("griffin@") and int(k.partition("@")[2]) >= seq_len]
+        g = full[0] if full else "griffin"
+        res["copy_griffin_variant"] = g
+        res["copy_griffin_about_as_fast_as_transformer"] = auc[g] >= auc["attention"] - 0.1
+        res["copy_hawk_slower"] = auc["rglru"] < min(auc[g], auc["attention"]) and s["rglru"] > s["attention"]
+        res["copy_griffin_about_as_fast_by_window"] = {
+            k: auc[k] >= auc["attention"] - 0.1 for k in cp if k.startswith("griffin")}
     ind = out.get("induction", {})
     if {"attention", "rglru", "griffin"} <= set(ind):
         longest = max(int(k) for k in ind["attention"]["accuracy_by_length"])
@@ -343,35 +348,44 @@ def plot(out: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
-    series: dict = {}
-    for c in out.get("mqar", []):
-        series.setdefault(c["label"], []).append((c["width"], c["accuracy"]))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    m = out["settings"]["mqar"]
-    ax[0].set(title=f"(a) MQAR, L={m['seq_len']}, {m['kv']} kv pairs", xlabel="model width",
-              ylabel="accuracy", ylim=(-0.02, 1.02))
-    ax[0].set_xscale("log", base=2)
-    for mixer, r in out.get("copy", {}).items():
-        h = r["history"]
-        ax[1].plot([x["step"] for x in h], [x["accuracy"] for x in h], marker=".",
-                   label=mixer_label(mixer))
-    c = out["settings"]["copy"]
-    ax[1].set(title=f"(b) selective copying, L={c['seq_len']}", xlabel="training step", ylabel="accuracy",
-              ylim=(-0.02, 1.02))
-    for mixer, r in out.get("induction", {}).items():
-        items = sorted((int(k), v) for k, v in r["accuracy_by_length"].items())
-        ax[2].plot([k for k, _ in items], [v for _, v in items], marker="o", label=mixer_label(mixer))
-    i = out["settings"]["induction"]
-    ax[2].axvline(i["seq_len"], ls="--", color="grey", lw=1)
-    ax[2].set(title=f"(c) induction heads, trained at L={i['seq_len']}", xlabel="evaluation length",
-              ylabel="accuracy", ylim=(-0.02, 1.02))
-    ax[2].set_xscale("log", base=2)
-    for a in ax:
+    panels = [t for t in ("mqar", "copy", "induction") if out.get(t)] or ["mqar"]   # only what ran
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.4), squeeze=False)
+    ax = dict(zip(panels, axes[0]))
+    if "mqar" in ax:
+        series: dict = {}
+        for c in out.get("mqar", []):
+            series.setdefault(c["label"], []).append((c["width"], c["accuracy"]))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax["mqar"].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        m = out["settings"]["mqar"]
+        ax["mqar"].set(title=f"(a) MQAR, L={m['seq_len']}, {m['kv']} kv pairs", xlabel="model width",
+                       ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax["mqar"].set_xscale("log", base=2)
+    if "copy" in ax:
+        c = out["settings"]["copy"]
+        for mixer, r in out["copy"].items():
+            h = r["history"]
+            label = mixer_label(mixer)
+            if mixer == "griffin":      # say which window the plain Griffin had
+                label += f", window {c['window']}"
+            ax["copy"].plot([x["step"] for x in h], [x["accuracy"] for x in h], marker=".", label=label)
+        ax["copy"].set(title=f"(b) selective copying, L={c['seq_len']}", xlabel="training step",
+                       ylabel="accuracy", ylim=(-0.02, 1.02))
+    if "induction" in ax:
+        for mixer, r in out["induction"].items():
+            items = sorted((int(k), v) for k, v in r["accuracy_by_length"].items())
+            ax["induction"].plot([k for k, _ in items], [v for _, v in items], marker="o",
+                                 label=mixer_label(mixer))
+        i = out["settings"]["induction"]
+        ax["induction"].axvline(i["seq_len"], ls="--", color="grey", lw=1)
+        ax["induction"].set(title=f"(c) induction heads, trained at L={i['seq_len']}",
+                            xlabel="evaluation length", ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax["induction"].set_xscale("log", base=2)
+    for a in ax.values():
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
     fig.suptitle(f"hybridize synthetic tasks ({out['device']})")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
