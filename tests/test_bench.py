@@ -9,8 +9,78 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     assert main(["bench", "kernels", "--smoke", "--out", str(tmp_path)]) == 0
     ssd = json.loads((tmp_path / "ssd.json").read_text())
     step = json.loads((tmp_path / "step.json").read_text())
-    assert ssd["env"] and step["env"]
-    assert (tmp_path / "ssd.png").exists()
+    scan = json.loads((tmp_path / "scan.json").read_text())
+    assert ssd["env"] and step["env"] and scan["env"]
+    assert (tmp_path / "ssd.png").exists() and (tmp_path / "scan.png").exists()
+    assert scan["correctness"]["pass"] and scan["summary"]["rglru_scan"]
+
+
+def test_bench_scan_smoke(tmp_path, capsys):
+    """`hybridize bench scan --smoke` (CPU, interpreter, tiny shapes): a record per op × implementation × L
+    with a time or the reason there is none, floors counted as documented, ratios, summary, correctness of
+    our kernels vs the fp32 references (outputs and gradients), and the PNG."""
+    import math
+
+    assert main(["bench", "scan", "--smoke", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "scan.json").read_text())
+    assert r["config"]["smoke"] and not r["config"]["torch_loop_extrapolated"]
+    lengths, C, bw = r["config"]["lengths"], r["config"]["width"], r["config"]["hbm_bw_bytes_per_s"]
+    tokens, e = r["config"]["tokens_per_call"], 2
+    assert len(lengths) >= 2 and not any(k.endswith("_error") for k in r)
+    recs = {(x["op"], x["impl"], x["L"]): x for x in r["records"]}
+    for L in lengths:
+        for op, n_fwd, n_fb in (("rglru_scan", 3, 8), ("conv1d", 2, 5)):
+            floor, ours = recs[(op, "hbm_floor", L)], recs[(op, "hybridize", L)]
+            assert floor["B"] * L == tokens and ours["C"] == C
+            assert math.isclose(floor["fwd_ms"], n_fwd * tokens * C * e / bw * 1e3)
+            assert math.isclose(floor["fwd_bwd_ms"], n_fb * tokens * C * e / bw * 1e3)
+            for mode in ("fwd", "fwd_bwd"):
+                ms = ours[f"{mode}_ms"]
+                assert isinstance(ms, float) and ms > 0 and f"{mode}_error" not in ours
+                assert math.isclose(ours[f"{mode}_vs_floor"], ms / floor[f"{mode}_ms"])
+                s = r["summary"][op][str(L)][mode]
+                assert s["ours_ms"] == ms and math.isclose(s["ours_over_floor"], ms / floor[f"{mode}_ms"])
+        for impl in ("torch_conv1d", "torch_reference"):
+            rec = recs[("conv1d", impl, L)]
+            assert rec["fwd_ms"] > 0 and rec["fwd_bwd_ms"] > 0
+            peer = recs[("conv1d", "torch_conv1d", L)]["fwd_ms"]
+            assert math.isclose(rec["fwd_speedup_vs_torch_conv1d"], peer / rec["fwd_ms"])
+    loop = [recs[("rglru_scan", "torch_loop", L)] for L in lengths]          # timed at the smallest L only
+    assert loop[0]["fwd_ms"] > 0 and loop[0]["fwd_bwd_ms"] > 0
+    assert all("skipped" in x and "fwd_ms" not in x for x in loop[1:])
+    # peers that are not installed are recorded, not fatal
+    assert {"fla_chunk_hgrn", "fla_fused_recurrent_hgrn", "causal_conv1d"} <= set(r["env"]["imports"])
+    c = r["correctness"]
+    assert set(c["rglru_scan"]["hybridize"]) >= {"h", "db", "da"}
+    assert set(c["conv1d"]["hybridize"]) >= {"y", "dx", "dweight", "dbias"}
+    for sec, impl in (("rglru_scan", "hybridize"), ("conv1d", "hybridize"), ("conv1d", "torch_conv1d")):
+        rec = c[sec][impl]
+        errs = [v for v in rec.values() if isinstance(v, dict)]
+        assert rec["pass"] and errs and all(v["pass"] and v["rel_fro"] < 1e-2 for v in errs)
+    assert c["pass"]
+    assert (tmp_path / "scan.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_scan_correctness_fails_on_a_wrong_kernel(tmp_path, monkeypatch):
+    """The suite's correctness flags are real: a scan with the wrong decay and a conv with flipped taps
+    fail (in-process, so the stand-ins are what runs)."""
+    from hybridize.bench import scan
+    from hybridize.ops.conv1d import reference as conv_ref
+    from hybridize.ops.rglru import reference as rglru_ref
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")                # run here, not in a fresh process
+    for name in ("SMOKE", "DEVICE", "DTYPE", "TOKENS", "CHECK_SHAPE"):
+        monkeypatch.setattr(scan, name, getattr(scan, name))  # restored after the test
+    monkeypatch.setattr(scan, "_ours_scan",
+                        lambda b, a: rglru_ref.rglru_scan(b, a * 0.9, return_final_state=False))
+    monkeypatch.setattr(scan, "_ours_conv",
+                        lambda x, w, bias, act: conv_ref.causal_conv1d(x, w.flip(-1), bias, activation=act))
+    out = tmp_path / "bad.json"
+    assert scan.main(["--smoke", "--skip-timings", "--no-plot", "--json-out", str(out)]) == 0
+    c = json.loads(out.read_text())["correctness"]
+    assert not c["rglru_scan"]["hybridize"]["pass"] and not c["rglru_scan"]["hybridize"]["h"]["pass"]
+    assert not c["conv1d"]["hybridize"]["pass"] and not c["conv1d"]["hybridize"]["y"]["pass"]
+    assert c["conv1d"]["torch_conv1d"]["pass"] and not c["pass"]
 
 
 def test_bench_plot_rejects_nothing_and_lists(tmp_path, capsys):

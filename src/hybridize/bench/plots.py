@@ -1,6 +1,6 @@
-"""Plots of benchmark JSON: time vs sequence length per implementation (SSD), tokens/s vs context per
-model (decode), the distillation quality study (quality). `python -m hybridize.bench.plots [DIR]` re-plots
-DIR (default benchmarks/results)."""
+"""Plots of benchmark JSON: time vs sequence length per implementation (SSD; RG-LRU scan and conv1d),
+tokens/s vs context per model (decode), the distillation quality study (quality).
+`python -m hybridize.bench.plots [DIR]` re-plots DIR (default benchmarks/results)."""
 from __future__ import annotations
 
 import json
@@ -37,6 +37,41 @@ def plot_ssd(path: Path, out: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+def plot_scan(path: Path, out: Path) -> None:
+    """`hybridize.bench.scan`: time vs L per implementation, forward / forward+backward, RG-LRU scan (top)
+    and causal conv1d (bottom); the HBM floor dashed."""
+    d = json.loads(path.read_text())
+    recs = [r for r in d.get("records", []) if "L" in r]
+    cfg = d.get("config", {})
+    device = str(d.get("env", {}).get("gpu", "cpu (smoke)")).replace("NVIDIA ", "")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for row, (op, title) in enumerate((("rglru_scan", "RG-LRU scan"), ("conv1d", "causal conv1d"))):
+        impls = list(dict.fromkeys(r["impl"] for r in recs if r["op"] == op))
+        for ax, mode, what in ((axes[row, 0], "fwd", "forward"), (axes[row, 1], "fwd_bwd", "forward + backward")):
+            for impl in impls:
+                pts = sorted((r["L"], r[f"{mode}_ms"]) for r in recs if r["op"] == op and r["impl"] == impl
+                             and isinstance(r.get(f"{mode}_ms"), (int, float)))
+                if not pts:
+                    continue
+                if impl == "hbm_floor":
+                    ax.plot(*zip(*pts), "k--", label="HBM floor")
+                else:
+                    ax.plot(*zip(*pts), marker="o", label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(f"sequence length L ({cfg.get('tokens_per_call', '?')} tokens per call)")
+            ax.set_ylabel("ms")
+            extra = f", W={cfg.get('conv_width')} {cfg.get('conv_activation')}" if op == "conv1d" else ""
+            ax.set_title(f"{title} {what}, C={cfg.get('width')}{extra} {cfg.get('dtype', '')}, {device}",
+                         fontsize=9)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 def plot_decode(path: Path, out: Path) -> None:
@@ -198,7 +233,8 @@ def plot_quality_file(path: Path, out: Path) -> None:
 def plot_dir(results: Path) -> list:
     """Plot every known JSON in `results` next to it; returns the PNG paths written."""
     written = []
-    for stem, fn in (("ssd", plot_ssd), ("decode", plot_decode), ("quality", plot_quality_file)):
+    for stem, fn in (("ssd", plot_ssd), ("decode", plot_decode), ("quality", plot_quality_file),
+                     ("scan", plot_scan)):
         for path in sorted(results.glob(f"{stem}*.json")):
             out = path.with_suffix(".png")
             fn(path, out)
