@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import os
 import platform
 import sys
 import time
@@ -40,12 +41,14 @@ from pathlib import Path
 import torch
 
 import hybridize as hz
+import hybridize.ops.gemv as gemv_mod
+from hybridize.bench.utils import median_ms, write_json
 from hybridize.generate import generate
 from hybridize.generate.cache_ops import alloc_cache, restore_positions_, save_positions
 from hybridize.generate.engine import StepRunner, fuse_wanted, prefill_
 from hybridize.generate.speculative import Verifier
-from hybridize.bench.utils import median_ms, write_json
 from hybridize.model import HybridLM
+from hybridize.ops.gemv import gemv_wanted
 
 T_START = time.perf_counter()
 
@@ -106,7 +109,7 @@ def bench_hybridize(model, name, batch, context, args, device, compile="auto") -
     return {"model": name if s.compiled else f"{name} (no compile)", "batch": batch, "context": context,
             "new_tokens": s.steps, "ms_per_token": ms, "tokens_per_s": batch * s.steps / s.decode_s,
             "prefill_s": s.prefill_s, "setup_s": setup_s, "cuda_graph": s.cuda_graph, "compiled": s.compiled,
-            "fused": s.fused, "state_dtype": args.state_dtype,
+            "fused": s.fused, "gemv_shapes": s.gemv_shapes, "state_dtype": args.state_dtype,
             "hbm_floor_ms": floor_ms, "hbm_floor_tokens_per_s": 1e3 * batch / floor_ms,
             "fraction_of_hbm_floor": floor_ms / ms, "bytes_per_step": by}
 
@@ -240,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--verify-reps", type=int, default=10)
     p.add_argument("--also-uncompiled", action="store_true", help="also measure every decode config without "
                    "torch.compile (the eager step in a CUDA graph)")
+    p.add_argument("--no-gemv", dest="gemv", action="store_false", help="batch-1 steps use cuBLAS for every "
+                   "matmul (A/B of the tuned Triton GEMV, hybridize.ops.gemv; = HYBRIDIZE_GEMV=0)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep q/k/v, gate/up (and RG-LRU "
                    "branches) as separate matmuls (A/B of the engine's fused projections; = HYBRIDIZE_FUSE=0)")
     p.add_argument("--profile", default="", help="MODEL:BATCH:CONTEXT[,...]: print the top CUDA kernels of a "
@@ -258,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny presets and sizes (CPU smoke test)")
     p.add_argument("--json-out", default="gpu_decode.json")
     args = p.parse_args(argv)
+    if not args.gemv:
+        os.environ["HYBRIDIZE_GEMV"] = "0"
     if args.quick:
         args.models, args.verify_model = "llama-debug,mil50-debug", "mil50-debug"
         args.batches, args.contexts, args.new_tokens = "1,2", "0,40", 8
@@ -274,7 +281,7 @@ def main(argv=None) -> int:
     report = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.processor() or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": str(dtype), "hbm_bytes_per_s": args.hbm_bw, "new_tokens": args.new_tokens,
-              "fuse": fuse_wanted(args.fuse),
+              "fuse": fuse_wanted(args.fuse), "gemv": gemv_wanted(), "gemv_tuning": gemv_mod.TUNE_LOG,
               "decode": [], "hf_generate": [], "verify": [], "profile": [], "skipped": [], "errors": []}
     out = Path(args.json_out)
 
@@ -307,7 +314,8 @@ def main(argv=None) -> int:
         print(f"[{elapsed():6.1f}s] {r['model']:>30} B={r['batch']:<3} ctx={r['context']:<5} "
               f"{r['ms_per_token']:7.2f} ms/token {r['tokens_per_s']:9.1f} tok/s"
               + (f"  (HBM floor {r['hbm_floor_ms']:.2f} ms, {100 * r['fraction_of_hbm_floor']:.0f} %)"
-                 if "hbm_floor_ms" in r else "") + ("  [unfused]" if r.get("fused") is False else ""), flush=True)
+                 if "hbm_floor_ms" in r else "") + ("  [unfused]" if r.get("fused") is False else "")
+              + (f"  [{r['gemv_shapes']} GEMV shapes]" if r.get("gemv_shapes") else ""), flush=True)
 
     for name in models:
         model = build_model(name, device, dtype)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from hybridize.generate.cache_ops import alloc_cache, copy_rows_, empty_like, zero_
 from hybridize.generate.sampling import SamplingParams, sample
+from hybridize.ops.gemv import prepare_decode_gemv
 
 #: stream(row, new_token_ids, new_text_or_None), called as tokens of a row become final
 StreamFn = Callable[[int, list, Optional[str]], None]
@@ -55,6 +56,7 @@ class GenerationStats:
     cuda_graph: bool = False
     compiled: bool = False     # the decode step (and the verifier) ran torch.compile'd code
     fused: bool = False        # the model (and the draft) ran fused projections (fuse_projections_)
+    gemv_shapes: int = 0       # batch-1 matmul shapes served by the tuned Triton GEMV (hybridize.ops.gemv)
     # speculative decoding only
     num_draft_tokens: Optional[int] = None
     drafted: Optional[int] = None
@@ -418,12 +420,15 @@ class StepRunner:
     Capture runs warm-up steps, so it must happen before the cache is filled: the cache is zeroed
     afterwards. use_cuda_graph, compile: True, False or "auto" (= on CUDA); a failing compile falls back
     to the eager step, a failing "auto" capture to eager steps, each with a warning. fuse: fuse the
-    model's projections first (`fuse_for_inference`; ``fused`` says whether they are)."""
+    model's projections first (`fuse_for_inference`; ``fused`` says whether they are). At batch 1 on CUDA
+    the model's matmuls go through the tuned Triton GEMV where it beats cuBLAS
+    (`hybridize.ops.gemv.prepare_decode_gemv`; ``gemv`` holds its report; HYBRIDIZE_GEMV=0: off)."""
 
     def __init__(self, model, cache, batch_size: int, use_cuda_graph: Union[bool, str] = "auto",
                  compile: Union[bool, str] = "auto", fuse: bool = True):
         self.model, self.cache = model, cache
         self.fused = fuse_for_inference(model, fuse)             # before compiling / capturing the step
+        self.gemv = prepare_decode_gemv(model) if batch_size == 1 else {"routed": 0, "shapes": {}}
         device = next(model.parameters()).device
         self.ids = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.prog = GraphedProgram(_step_program, (model, self.ids, cache), device=device,
@@ -566,4 +571,5 @@ def _decode(model, ids: list, out: _Outputs, params: SamplingParams, gen, *, pre
                            prefill_s=t1 - t0, decode_s=dec, steps=steps,
                            tokens_per_s=new / dec if dec > 0 else 0.0,
                            ms_per_step=1e3 * dec / max(steps, 1), cuda_graph=runner.graph is not None,
-                           compiled=runner.compiled, fused=runner.fused)
+                           compiled=runner.compiled, fused=runner.fused,
+                           gemv_shapes=sum(c is not None for c in runner.gemv["shapes"].values()))

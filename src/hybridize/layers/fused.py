@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridize.ops.gemv import linear as gemv_linear
+
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
@@ -140,7 +142,7 @@ class FusedProjections:
                           "Parameter was given new storage); using the separate Linears. Call "
                           "fuse_projections_() again to re-fuse.", stacklevel=3)
             return tuple(lin(x) for lin in self._fused_linears())
-        return F.linear(x, f.weight, f.bias).split(f.sizes, dim=-1)
+        return gemv_linear(x, f.weight, f.bias).split(f.sizes, dim=-1)   # F.linear unless batch-1 decode
 
     # ------------------------------------------------------------------ keep the fused tensor in sync
     def _apply(self, fn, recurse=True):

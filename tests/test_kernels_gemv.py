@@ -1,0 +1,179 @@
+"""Triton decode GEMV vs its reference (odd N / K, bias, 16-bit and fp32, every candidate block shape),
+the `linear` routing rules, the Linear class swap, the tuning cache, and (GPU) the tuner itself.
+
+Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set by conftest)."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import hybridize as hz  # noqa: E402
+from hybridize.ops import gemv  # noqa: E402
+from hybridize.ops.gemv import reference as ref  # noqa: E402
+from hybridize.ops.gemv import triton as kern  # noqa: E402
+
+_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if _CUDA else "cpu"
+if not _CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and the Triton interpreter is off", allow_module_level=True)
+
+
+def _tol(dtype):
+    return dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("N,K", [(1, 16), (5, 40), (64, 64), (130, 300), (33, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_matches_reference(N, K, bias, dtype):
+    g = torch.Generator().manual_seed(N * 1000 + K)
+    x = torch.randn(1, K, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(N, generator=g).to(DEVICE, dtype) if bias else None
+    want = ref.gemv_reference(x, w, b).float()
+    for cfg in (kern.CANDIDATES[0], kern.GemvConfig(2, 16, 1, 1), kern.GemvConfig(16, 128, 4, 2)):
+        got = kern.gemv_triton(x, w, b, cfg)
+        assert got.shape == (1, N) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, **_tol(dtype))
+
+
+def test_gemv_every_candidate_and_strided_weight():
+    """Every tuning candidate (clipped to the shape) computes the same product; a weight that is a row
+    slice of a bigger tensor (fused projections) is read in place."""
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(300, 96, generator=g).to(DEVICE)
+    w = big[100:237]                                  # rows 100..236 of a fused tensor: stride (96, 1)
+    x = torch.randn(1, 96, generator=g).to(DEVICE)
+    want = ref.gemv_reference(x, w)
+    for cfg in kern.CANDIDATES:
+        torch.testing.assert_close(kern.gemv_triton(x, w, None, kern._clip(cfg, 137, 96)), want,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_gemv_rejects_bad_shapes():
+    w = torch.randn(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="one row of 16"):
+        kern.gemv_triton(torch.randn(2, 16, device=DEVICE), w)
+    with pytest.raises(ValueError, match="one row of 16"):
+        kern.gemv_triton(torch.randn(1, 12, device=DEVICE), w)
+
+
+@pytest.fixture
+def choice(monkeypatch):
+    """Register a Triton config for (N, K) = (24, 40) and count kernel launches."""
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "1")       # kernels on CPU tensors (interpreter)
+    calls = []
+    real = gemv._run
+
+    def counting(*a):
+        calls.append(a[1].shape)
+        return real(*a)
+
+    monkeypatch.setattr(gemv, "_run", counting)
+    w = torch.randn(24, 40, device=DEVICE, dtype=torch.bfloat16)
+    monkeypatch.setitem(gemv._CHOICE, gemv._key(w, False), (8, 16, 2, 1))
+    return w, calls
+
+
+def test_linear_routes_only_tuned_single_rows(choice):
+    w, calls = choice
+    x = torch.randn(1, 1, 40, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = gemv.linear(x, w)
+    assert calls == [w.shape] and y.shape == (1, 1, 24)
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), atol=3e-2, rtol=3e-2)
+    with torch.no_grad():
+        gemv.linear(torch.randn(2, 40, device=DEVICE, dtype=torch.bfloat16), w)          # two rows
+        gemv.linear(x, torch.randn(24, 40, device=DEVICE, dtype=torch.bfloat16), torch.randn(  # biased: untuned
+            24, device=DEVICE, dtype=torch.bfloat16))
+        gemv.linear(x.float(), w.float())                                             # fp32: unsupported
+    wg = w.clone().requires_grad_()
+    gemv.linear(x, wg)                                                                # gradient wanted
+    assert calls == [w.shape]
+
+
+def test_linear_honours_kernels_off(choice, monkeypatch):
+    w, calls = choice
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "0")
+    with torch.no_grad():
+        gemv.linear(torch.randn(1, 40, device=DEVICE, dtype=torch.bfloat16), w)
+    assert calls == []
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return hz.HybridLM(hz.preset("mil50-debug")).eval()
+
+
+def test_route_linears_keeps_the_model():
+    model = _tiny_model()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+    n = gemv.route_linears_(model)
+    assert n > 0 and any(type(m) is gemv.GemvLinear for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=0, rtol=0)
+    assert gemv.unroute_linears_(model) == n and not any(type(m) is gemv.GemvLinear for m in model.modules())
+
+
+def test_model_weight_shapes_sees_fused_projections():
+    model = _tiny_model()
+    model.fuse_projections_()
+    shapes = {tuple(w.shape) for w, _ in gemv.model_weight_shapes(model)}
+    fused = {tuple(m._fused.weight.shape) for m in model.modules() if getattr(m, "_fused", None) is not None}
+    assert fused and fused <= shapes     # the fused q/k/v and gate/up matrices are tuned too
+
+
+def test_tuning_cache_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRIDIZE_CACHE_DIR", str(tmp_path))
+    gemv._save_disk({"dev|torch.bfloat16|8|16|False": [8, 16, 2, 1], "dev|torch.bfloat16|9|16|False": None})
+    got = gemv._load_disk()
+    assert got == {"dev|torch.bfloat16|8|16|False": [8, 16, 2, 1], "dev|torch.bfloat16|9|16|False": None}
+    gemv._save_disk({"other": None})                   # merged, not replaced
+    assert set(gemv._load_disk()) == {"dev|torch.bfloat16|8|16|False", "dev|torch.bfloat16|9|16|False", "other"}
+    assert "torch" in next(iter(json.loads((tmp_path / "gemv_tuning.json").read_text())))   # per version
+    (tmp_path / "gemv_tuning.json").write_text("{not json")
+    assert gemv._load_disk() == {}                       # a corrupt cache costs a re-tune, not a crash
+
+
+def test_prepare_is_a_noop_off_cuda():
+    if _CUDA:
+        pytest.skip("CPU behaviour")
+    model = _tiny_model()
+    out = gemv.prepare_decode_gemv(model)
+    assert out == {"routed": 0, "shapes": {}, "tuned_now": []}
+    assert not any(type(m) is gemv.GemvLinear for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", [(2048, 2048), (3072, 2048), (2048, 8192)])
+def test_gpu_tune_shape_and_linear(N, K, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRIDIZE_CACHE_DIR", str(tmp_path))
+    rec = gemv.tune_shape(N, K, torch.bfloat16, "cuda", l2_bytes=64 << 20)
+    assert rec["cublas_us"] > 0 and rec["floor_us"] > 0
+    assert any(isinstance(v, float) for v in rec["all"].values()), rec
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(gemv.linear(x, w).float(), F.linear(x.float(), w.float()),
+                                   atol=5e-2, rtol=2e-2)
+
+
+def test_linear_traces_without_graph_breaks(choice):
+    """The engine compiles its step with fullgraph=True: the routing (key lookup, custom op) must trace."""
+    w, calls = choice
+    x = torch.randn(1, 40, device=DEVICE, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, w: gemv.linear(x, w) * 2, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        y = fn(x, w)
+    torch.testing.assert_close(y.float(), 2 * F.linear(x.float(), w.float()), atol=6e-2, rtol=3e-2)
+    assert calls == [w.shape]          # the op ran (through the custom op's implementation)
