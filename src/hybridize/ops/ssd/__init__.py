@@ -32,19 +32,9 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_MAX_PN = 256
 
 
-def known_bad_tile(P: int, N: int, dtype: torch.dtype, device_type: str) -> bool:
-    """Shapes the chunked kernels get wrong on CUDA, measured on an H100 with triton 3.6 (B=128, L=128,
-    H=4, Q=64): 16-bit inputs with P ≤ 32 and 32 < N ≤ 64 (whole-N tile of 64 beside a P tile of 16/32)
-    — P=32, N=64 raised an illegal memory access (once: wrong outputs), P=16, N=64 gave NaN; P=32 with
-    N=16 or 128, P=64 with N=64, and fp32 at P=32, N=64 were right. Until the cause is found these go to
-    the reference (tests/test_kernels_ssd.py::test_gpu_small_head_tiles checks both sides of the line)."""
-    return (device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and P <= 32 and 32 < N <= 64)
-
-
 def _kernel_ok(x: Tensor, Bm: Tensor) -> bool:
     return (x.dim() == 4 and Bm.dim() == 4 and x.dtype in _KERNEL_DTYPES and x.shape[1] > 0
-            and 1 <= x.shape[-1] <= _KERNEL_MAX_PN and 1 <= Bm.shape[-1] <= _KERNEL_MAX_PN
-            and not known_bad_tile(x.shape[-1], Bm.shape[-1], x.dtype, x.device.type))
+            and 1 <= x.shape[-1] <= _KERNEL_MAX_PN and 1 <= Bm.shape[-1] <= _KERNEL_MAX_PN)
 
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor, *, chunk_size: int = 64,

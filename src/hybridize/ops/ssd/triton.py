@@ -681,6 +681,20 @@ def _state_plan(Bsz: int, H: int, P: int, N: int, nc: int, device) -> Tuple[int,
     return bp, bn, cps, _cdiv(nc, cps)
 
 
+def out_block_p(P: int, N: int, dtype: torch.dtype) -> int:
+    """P block of the forward output kernel: the whole P up to 64, except that 16-bit inputs whose N tile
+    is 64 (32 < N <= 64) get a P tile of 64 even when P <= 32. Measured on an H100 with triton 3.6
+    (benchmarks/ssd_tile_probe.py → benchmarks/results/ssd_tile_probe_h100.json): with 16-bit x, a 64-row
+    chunk, BN = 64 and BP = 16 or 32 this kernel's outputs are wrong (rel. error 1.1-1.2, once an illegal
+    memory access) while the state walks and the whole backward are right; BP = 64 (P padded, masked)
+    or a 32-row chunk are right. A code-generation fault of that tile combination, not reduced further;
+    padding costs only idle lanes at these small head dims."""
+    bp = min(64, _pow2(P))
+    if dtype != torch.float32 and _pow2(N) == 64:
+        bp = 64
+    return bp
+
+
 def _heads_per_program(hg: int, fixed, progs: int, target: int, knob: str) -> int:
     """Heads per program of a chunk-parallel backward kernel (a divisor of hg = H // G): ``fixed`` (from
     TUNE) or the most that still give ``progs · hg / heads >= target`` programs (fewer heads per program
@@ -794,7 +808,7 @@ def _fwd_impl_q(x, dt, A, Bm, Cm, D, z, dt_bias, initial_state, seq_idx, log_dec
     dtp, cs = _dt_launch(inp.dt, inp.dt_bias, inp.A, inp.log_decay, dt_softplus, dt_min, dt_max, Q, nc)
     hs, final = _states_launch(inp.x, inp.Bm, dtp, cs, inp.seq_idx, inp.init, Q, nc)
     y = torch.empty(inp.Bsz, inp.L, inp.H, inp.P, device=x.device, dtype=x.dtype)
-    BP = TUNE["out_bp"] or min(64, _pow2(inp.P))
+    BP = TUNE["out_bp"] or out_block_p(inp.P, inp.N, x.dtype)
     si = inp.seq_idx if inp.seq_idx is not None else dtp
     zz = inp.z if inp.z is not None else inp.x
     _ssd_out_fwd_kernel[(nc, inp.Bsz * inp.H, _cdiv(inp.P, BP))](
@@ -888,9 +902,21 @@ def _bwd_impl_q(dout, dfinal, x, dt, A, Bm, Cm, D, z, dt_bias, initial_state, se
 _CHUNK_CAP = {}
 
 
+def small_tile_chunk_cap(P: int, N: int, dtype: torch.dtype) -> int:
+    """Largest kernel chunk for 16-bit inputs with P <= 32 beside a 64-wide N tile (32 < N <= 64): 32.
+    Measured on an H100 with triton 3.6 (benchmarks/ssd_tile_probe.py → ssd_tile_probe_h100.json): with a
+    64-row chunk the backward dx kernel with the z gate computes wrong dx (rel. error 1.6-1.9) or hits an
+    illegal memory access, and the forward output kernel is wrong unless its P tile is padded
+    (`out_block_p`); with a 32-row chunk forward and every gradient are right, with and without z / D."""
+    if dtype != torch.float32 and P <= 32 and _pow2(N) == 64:
+        return 32
+    return 1 << 30
+
+
 def _with_chunk_fallback(kind, x, Bm, chunk_size, run):
     key = (kind, x.shape[-1], Bm.shape[-1], x.dtype, x.device)
-    q = min(int(chunk_size), _CHUNK_CAP.get(key, int(chunk_size)))
+    q = min(int(chunk_size), _CHUNK_CAP.get(key, int(chunk_size)),
+            small_tile_chunk_cap(x.shape[-1], Bm.shape[-1], x.dtype))
     while True:
         try:
             return run(q)
@@ -1049,4 +1075,4 @@ def ssd_chunked_triton(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, C
     return (y, final) if return_final_state else y
 
 
-__all__ = ["TUNE", "kernel_chunk", "kernel_supports", "ssd_chunked_triton"]
+__all__ = ["TUNE", "kernel_chunk", "kernel_supports", "out_block_p", "small_tile_chunk_cap", "ssd_chunked_triton"]
