@@ -236,7 +236,8 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="0,4096,8192")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=2048)
-    p.add_argument("--verify-model", default="mil50-1b")
+    p.add_argument("--verify-model", default="mil50-1b", help="the model (one of --models) whose verification "
+                   "cost is measured")
     p.add_argument("--verify-ks", default="1,2,4,8", help="tokens verified per call (one compile each)")
     p.add_argument("--verify-batches", default="1,8")
     p.add_argument("--verify-contexts", default="0,4096")
@@ -317,6 +318,10 @@ def main(argv=None) -> int:
                  if "hbm_floor_ms" in r else "") + ("  [unfused]" if r.get("fused") is False else "")
               + (f"  [{r['gemv_shapes']} GEMV shapes]" if r.get("gemv_shapes") else ""), flush=True)
 
+    if args.verify_ks and args.verify_model not in models:      # say so instead of measuring nothing
+        report["skipped"].append({"stage": "verify", "model": args.verify_model,
+                                  "why": f"--verify-model {args.verify_model} is not in --models"})
+        print(f"note: no verification timings: --verify-model {args.verify_model} is not in --models", flush=True)
     for name in models:
         model = build_model(name, device, dtype)
         # warm-up: Triton compilation, cuBLAS handles, graph pools
