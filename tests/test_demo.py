@@ -6,17 +6,9 @@ import random
 import time
 
 import pytest
-import torch
 
 import hybridize as hz
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_cli(argv):

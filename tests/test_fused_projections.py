@@ -21,13 +21,6 @@ from hybridize.model import HybridLM
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make(family: str, seed: int = 0) -> HybridLM:
     """A tiny random model; Linear biases random (not the zero init) so that fused biases are tested;

@@ -22,14 +22,6 @@ from hybridize.model import HybridLM
 PROMPT_LENS = (1, 5, 17)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared CPU: intra-op threads only add synchronisation overhead (5x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_model(family, seed=0, sharpen=4.0, window=None, **kw):
     """A tiny random model; `sharpen` scales the head so greedy argmaxes are rarely near-ties."""

@@ -13,14 +13,6 @@ from hybridize.distill.losses import (
 from hybridize.model import causal_lm_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to oversubscription on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def ref_kl(s_logits, t_logits, mask, T=1.0, cap=None):
     """Independent reference: torch's F.kl_div per token, averaged over masked tokens."""

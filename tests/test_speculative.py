@@ -20,13 +20,6 @@ from hybridize.generate.engine import prefill_
 from hybridize.generate.sampling import SamplingParams, process_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 #: weight noise that makes a draft agree with its target often, but not always (RG-LRU models with the
 #: sharpened tied head have large logit gaps)

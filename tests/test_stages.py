@@ -22,13 +22,6 @@ from hybridize.model import HybridLM
 V, D = 96, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_teacher(vocab=V, n_layers=4, seed=0, std=0.15):
     """Random teacher with large weights: peaked, input-dependent next-token distributions."""

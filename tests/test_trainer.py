@@ -21,14 +21,6 @@ from hybridize.model import causal_lm_loss
 V = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to oversubscription on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class TinyLM(nn.Module):
     """Embedding → mix with the previous token (respecting seq_idx) → dropout → norm → head. Fast and

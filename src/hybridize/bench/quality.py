@@ -57,7 +57,7 @@ from typing import Callable, Optional
 
 import torch
 
-from hybridize.bench.utils import write_json
+from hybridize.bench.utils import plot_out_or_redraw, write_json
 
 PHASES = ("teacher", "throughput", "fractions", "init", "mohawk", "extrapolation")
 DEFAULT_PHASES = ("teacher", "throughput", "fractions", "init", "mohawk")
@@ -1144,9 +1144,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot-only", default=None, metavar="JSON",
                    help="redraw the PNG of a finished JSON and exit")
     args = p.parse_args(argv)
-    plot_out = args.plot_out or str(Path(args.plot_only or args.json_out).with_suffix(".png"))
-    if args.plot_only:
-        print(f"wrote {plot(json.loads(Path(args.plot_only).read_text()), plot_out)}")
+    plot_out = plot_out_or_redraw(args, plot)
+    if plot_out is None:
         return 0
     cfg = config_from_args(args)
     from hybridize.demo import choose_threads, quiet_transformers

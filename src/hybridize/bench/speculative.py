@@ -79,7 +79,7 @@ from hybridize.bench.quality import (
     save_teacher,
     time_steps,
 )
-from hybridize.bench.utils import err, median_ms, write_json
+from hybridize.bench.utils import err, median_ms, plot_out_or_redraw, write_json
 
 PHASES = ("train", "bench", "all")
 TARGET_KINDS = ("hybrid", "teacher")
@@ -973,9 +973,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any SpecConfig field, e.g. --set hidden_size=1536 --set draft_layers=1")
     args = p.parse_args(argv)
-    plot_out = args.plot_out or str(Path(args.plot_only or args.json_out).with_suffix(".png"))
-    if args.plot_only:
-        print(f"wrote {plot(json.loads(Path(args.plot_only).read_text()), plot_out)}")
+    plot_out = plot_out_or_redraw(args, plot)
+    if plot_out is None:
         return 0
     cfg = config_from_args(args)
     default_dir = str(Path(args.json_out).resolve().parent / "spec_pair_quick") if args.quick else ".cache/spec_pair"

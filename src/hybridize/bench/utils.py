@@ -116,3 +116,14 @@ def results_saver(results: dict, path, *, smoke: bool):
         print("CUDA is not available", file=sys.stderr)
         return None
     return save
+
+
+def plot_out_or_redraw(args, plot) -> Optional[str]:
+    """The PNG path of a suite with --plot-out / --plot-only / --json-out: --plot-out, else the JSON's name
+    with .png. With --plot-only JSON, redraw that finished run's plot (`plot(results, path)`) and return
+    None: the caller exits."""
+    plot_out = args.plot_out or str(Path(args.plot_only or args.json_out).with_suffix(".png"))
+    if args.plot_only:
+        print(f"wrote {plot(json.loads(Path(args.plot_only).read_text()), plot_out)}")
+        return None
+    return plot_out
