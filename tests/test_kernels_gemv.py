@@ -176,3 +176,168 @@ def test_linear_traces_without_graph_breaks(choice):
         y = fn(x, w)
     torch.testing.assert_close(y.float(), 2 * F.linear(x.float(), w.float()), atol=6e-2, rtol=3e-2)
     assert calls == [w.shape]          # the op ran (through the custom op's implementation)
+
+
+# ---------------------------------------------------------------------------- fused decode GEMV
+def _fused_inputs(N, K, dtype, glu, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * N if glu else N
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)   # noqa: E731
+    return dict(x=mk(1, K), w=(torch.randn(rows, K, generator=g) / K ** 0.5).to(DEVICE, dtype), b=mk(rows),
+                add=mk(1, K), gate=mk(1, K), nw=mk(K), res=mk(1, N))
+
+
+def _h_close(h, want):
+    """h = round(x + add) is exact on the GPU; the interpreter rounds fp32 → bf16 by truncation (1 ulp)."""
+    if _CUDA or h.dtype != torch.bfloat16:
+        assert torch.equal(h, want)
+    else:
+        torch.testing.assert_close(h.float(), want.float(), atol=0, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("N,K,dtype,glu,parts", [
+    (5, 40, torch.float32, None, "all"), (5, 40, torch.bfloat16, "silu", "all"),
+    (33, 300, torch.bfloat16, "gelu_tanh", "add_norm"), (33, 300, torch.float32, "gelu", "norm"),
+    (64, 64, torch.bfloat16, None, "residual"), (64, 64, torch.bfloat16, None, "gate_norm"),
+    (1, 17, torch.float16, "silu", "all"), (0, 16, torch.bfloat16, None, "add_norm")])
+def test_fused_gemv_matches_reference(N, K, dtype, glu, parts):
+    t = _fused_inputs(N, K, dtype, glu, seed=N + K)
+    kw = dict(glu=glu, eps=1e-5, norm_offset=0.5 if parts == "all" else 0.0)
+    if parts in ("all", "add_norm"):
+        kw["add"] = t["add"]
+    if parts in ("all", "gate_norm"):
+        kw["gate"] = t["gate"]
+    if parts != "residual":
+        kw["norm_weight"] = t["nw"]
+    if parts in ("all", "residual"):
+        kw["residual"] = t["res"]
+    want = ref.gemv_fused_reference(t["x"], t["w"], t["b"], **kw)
+    for cfg in (kern.CANDIDATES[0], kern.GemvConfig(2, 16, 1, 1), kern.GemvConfig(16, 128, 4, 2)):
+        got = kern.gemv_triton(t["x"], t["w"], t["b"], cfg, **kw)
+        if "add" in kw:
+            (got, h), (want_y, want_h) = got, want
+            _h_close(h, want_h)
+        else:
+            want_y = want
+        assert got.shape == (1, N) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want_y.float(), **_tol(dtype))
+
+
+def test_fused_gemv_rejects_bad_inputs():
+    w = torch.randn(8, 16, device=DEVICE)
+    x = torch.randn(1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="glu must be one of"):
+        kern.gemv_triton(x, w, glu="relu")
+    with pytest.raises(ValueError, match="glu must be one of"):
+        kern.gemv_triton(x, torch.randn(7, 16, device=DEVICE), glu="silu")     # odd number of rows
+    with pytest.raises(ValueError, match="residual must have 8 elements"):
+        kern.gemv_triton(x, w, residual=torch.randn(1, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="gate is applied inside the gated norm"):
+        gemv.fused_linear(x, w, gate=x)
+
+
+@pytest.fixture
+def fused_counter(monkeypatch):
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "1")
+    calls = []
+    real = gemv._run_fused
+
+    def counting(*a):
+        calls.append(tuple(a[1].shape))
+        return real(*a)
+
+    monkeypatch.setattr(gemv, "_run_fused", counting)
+    return calls
+
+
+def _register(monkeypatch, *weights_bias):
+    for w, has_bias in weights_bias:
+        monkeypatch.setitem(gemv._CHOICE, gemv._key(w, has_bias), (4, 32, 2, 1))
+
+
+def test_fused_linear_equals_the_unfused_modules(fused_counter, monkeypatch):
+    """fused_linear with RMSNorm (Gemma offset too), the gated norm, add, GLU and residual: the kernel path
+    against the same call with the kernel off (the modules one after another)."""
+    from hybridize.layers.norm import GatedRMSNorm, RMSNorm
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    K, N = 48, 20
+    w_glu, w = torch.randn(2 * N, K, dtype=dt) / 7, torch.randn(N, K, dtype=dt) / 7
+    b_glu = torch.randn(2 * N, dtype=dt)
+    _register(monkeypatch, (w_glu, True), (w, False))
+    rms, gemma = RMSNorm(K, 1e-5).to(dt), RMSNorm(K, 1e-6, offset=1.0).to(dt)
+    with torch.no_grad():
+        rms.weight.normal_()
+        gemma.weight.normal_()
+    gated = GatedRMSNorm(K, 1e-5).to(dt)
+    x, add, z, r = (torch.randn(1, K, dtype=dt), torch.randn(1, K, dtype=dt), torch.randn(1, K, dtype=dt),
+                    torch.randn(1, N, dtype=dt))
+    cases = [dict(weight=w_glu, bias=b_glu, add=add, norm=rms, glu="silu"),
+             dict(weight=w_glu, bias=b_glu, norm=gemma, glu="gelu_tanh"),
+             dict(weight=w, norm=gated, gate=z),
+             dict(weight=w, residual=r)]
+    with torch.no_grad():
+        for case in cases:
+            got = gemv.fused_linear(x, **case)
+            monkeypatch.setenv("HYBRIDIZE_KERNELS", "0")
+            want = gemv.fused_linear(x, **case)
+            monkeypatch.setenv("HYBRIDIZE_KERNELS", "1")
+            got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+            for g_, w_ in zip(got, want):
+                torch.testing.assert_close(g_.float(), w_.float(), atol=5e-2, rtol=3e-2)
+    assert len(fused_counter) == len(cases)
+    # a grouped gated norm is not what the prologue computes: the modules run, no fused kernel
+    with torch.no_grad():
+        gemv.fused_linear(x, w, norm=GatedRMSNorm(K, 1e-5, group_size=16).to(dt), gate=z)
+    assert len(fused_counter) == len(cases)
+
+
+def _register_model(model, monkeypatch):
+    for w, has_bias in gemv.model_weight_shapes(model):     # big blocks: few interpreted programs
+        monkeypatch.setitem(gemv._CHOICE, gemv._key(w, has_bias), (64, 128, 2, 1))
+
+
+@pytest.mark.parametrize("pattern", [("attention", "mamba2", "rglru", "discrete_mamba2")])
+def test_fused_decode_step_matches_the_unfused_step(pattern, fused_counter, monkeypatch):
+    """A whole batch-1 decode step of a hybrid with every fused GEMV (norms, residual adds, GLU, gated norm,
+    head) against the same step with plain GEMVs: same logits and same states, step after step. Only the
+    GEMVs run as kernels (interpreter); the mixers' own ops take their references (time)."""
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "0")
+    monkeypatch.setattr(gemv, "use_kernels", lambda *a: True)
+    import copy
+    cfg = hz.preset("mil50-debug", layer_pattern=list(pattern))
+    torch.manual_seed(0)
+    model = hz.HybridLM(cfg).to(torch.bfloat16).eval().fuse_projections_()
+    ref_model = copy.deepcopy(model)
+    _register_model(model, monkeypatch)
+    cache = model.init_cache(1, max_seqlen=8, device=DEVICE)
+    ref_cache = ref_model.init_cache(1, max_seqlen=8, device=DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (4, 1))
+    for t in range(4):
+        got = model.step(ids[t], cache)
+        saved = dict(gemv._CHOICE)
+        gemv._CHOICE.clear()                      # the reference: no tuned shape → the unfused ops
+        want = ref_model.step(ids[t], ref_cache)
+        gemv._CHOICE.update(saved)
+        torch.testing.assert_close(got.float(), want.float(), atol=6e-2, rtol=5e-2)
+    assert fused_counter, "the fused kernels did not run"
+    kinds = set(model.layer_pattern)
+    assert len(fused_counter) >= 4 * (2 * len(kinds) + 1) - 4   # MLP (2) + mixer in-proj per layer + head
+
+
+def test_fused_linear_traces_without_graph_breaks(fused_counter, monkeypatch):
+    """The compiled decode step calls fused_linear with fullgraph=True: the custom op must trace."""
+    from hybridize.layers.norm import RMSNorm
+    dt = torch.bfloat16
+    w, x, add = torch.randn(48, 40, dtype=dt) / 6, torch.randn(1, 40, dtype=dt), torch.randn(1, 40, dtype=dt)
+    _register(monkeypatch, (w, False))
+    norm = RMSNorm(40).to(dt)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, a: gemv.fused_linear(x, w, add=a, norm=norm, glu="silu"), backend="eager",
+                       fullgraph=True)
+    with torch.no_grad():
+        y, h = fn(x, add)
+    want_y, want_h = ref.gemv_fused_reference(x, w, add=add, norm_weight=norm.weight, eps=norm.eps, glu="silu")
+    torch.testing.assert_close(y.float(), want_y.float(), atol=3e-2, rtol=3e-2)
+    _h_close(h, want_h)
+    assert fused_counter == [(48, 40)]

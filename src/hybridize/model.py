@@ -23,6 +23,7 @@ from hybridize.layers.base import Mixer, MixerState
 from hybridize.layers.fused import FusedProjections
 from hybridize.layers.mlp import GatedMLP
 from hybridize.layers.norm import RMSNorm
+from hybridize.ops.gemv import fused_linear
 
 
 def build_mixer(kind: str, cfg: HybridConfig, layer_idx: int) -> Mixer:
@@ -72,11 +73,15 @@ class HybridBlock(nn.Module):
         return x, state
 
     def step(self, x: Tensor, state: MixerState) -> Tensor:
-        """x: (B, D) → (B, D); state updated in place."""
-        x = x + self.mixer.step(self.mixer_norm(x), state)
+        """x: (B, D) → (B, D); state updated in place. Mixers that take the norm (`step_fuses_norm`) and the
+        MLP fuse it, the residual adds and their activations into their matmuls at batch-1 decode."""
+        if self.mixer.step_fuses_norm:
+            y = self.mixer.step(x, state, norm=self.mixer_norm)
+        else:
+            y = self.mixer.step(self.mixer_norm(x), state)
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x))
-        return x
+            return self.mlp.residual_step(x, y, self.mlp_norm)
+        return x + y
 
     def step_tokens(self, x: Tensor, state: MixerState, mixer_tokens=None) -> Tensor:
         """T tokens per row at once, in place (speculative verification). x: (B, T, D) → (B, T, D).
@@ -338,7 +343,16 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         h = self._embed_step(input_ids)
         for blk, st in zip(self.layers, cache.states):
             h = blk.step(h, st)
-        return self.head(h)
+        return self._head_step(h)
+
+    def _head_step(self, h: Tensor) -> Tensor:
+        """`head` for decode steps: the final norm runs inside the head GEMV at batch 1 (same numbers
+        elsewhere)."""
+        logits = fused_linear(h, self.lm_head.weight, self.lm_head.bias, norm=self.norm)
+        cap = self.cfg.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     @torch.no_grad()
     def step_tokens(self, input_ids: Tensor, cache: HybridCache, mixer_tokens=None) -> Tensor:

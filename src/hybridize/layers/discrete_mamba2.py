@@ -36,6 +36,7 @@ from hybridize.config import DiscreteMamba2Config
 from hybridize.layers.base import Mixer, MixerState
 from hybridize.ops import conv1d as conv_ops
 from hybridize.ops import ssd as ssd_ops
+from hybridize.ops.gemv import fused_linear
 
 
 @dataclass
@@ -156,10 +157,15 @@ class DiscreteMamba2Mixer(Mixer):
             state.ssm = final.to(state.ssm.dtype)
         return out, state
 
-    def step(self, x: Tensor, state: DiscreteMamba2State) -> Tensor:
-        """One token x (B, D) → y (B, D); state.conv and state.ssm are updated in place."""
+    step_fuses_norm = True
+
+    def step(self, x: Tensor, state: DiscreteMamba2State, norm: Optional[nn.Module] = None) -> Tensor:
+        """One token x (B, D) → y (B, D), of ``norm(x)`` when a norm is given (fused into the input GEMV at
+        batch-1 decode); state.conv and state.ssm are updated in place."""
         Bsz = x.shape[0]
-        xbc, z, a = self._split_proj(self.in_proj(x))
+        proj = fused_linear(x, self.in_proj.weight, self.in_proj.bias, norm=norm) if norm is not None \
+            else self.in_proj(x)
+        xbc, z, a = self._split_proj(proj)
         xbc = conv_ops.causal_conv1d_update(xbc, state.conv, self._conv_weight(), self.conv1d.bias,
                                             activation=self._conv_act)
         xh, Bm, Cm = self._split_xbc(xbc)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridize.ops.gemv import fused_linear
 from hybridize.ops.gemv import linear as gemv_linear
 
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
@@ -131,17 +132,28 @@ class FusedProjections:
         """Whether the fused matmul serves inference calls (fused and not stale)."""
         return self._fusion_valid()
 
-    def _project(self, x: Tensor) -> tuple:
-        """x (..., D) → the outputs (..., N_i) of the `_fused_names` Linears, in that order: one matmul
-        (split views of its output) when fused and no gradient is wanted for the Parameters."""
+    def _inference_fused(self) -> Optional[_Fused]:
+        """The fused tensors if they serve this call (fused, not stale, no gradient wanted), else None."""
         f = self._fused
         if f is None or (torch.is_grad_enabled() and any(p.requires_grad for p in self._fused_params())):
-            return tuple(lin(x) for lin in self._fused_linears())
+            return None
         if not _is_compiling() and not self._fusion_valid():
             warnings.warn(f"{type(self).__name__}: the fused projections {self._fused_names} are stale (a "
                           "Parameter was given new storage); using the separate Linears. Call "
-                          "fuse_projections_() again to re-fuse.", stacklevel=3)
+                          "fuse_projections_() again to re-fuse.", stacklevel=4)
+            return None
+        return f
+
+    def _project(self, x: Tensor, norm: Optional[torch.nn.Module] = None) -> tuple:
+        """x (..., D) → the outputs (..., N_i) of the `_fused_names` Linears applied to ``norm(x)`` (or x),
+        in that order: one matmul (split views of its output) when fused and no gradient is wanted for the
+        Parameters; at batch-1 decode the RMSNorm runs inside that GEMV (`hybridize.ops.gemv.fused_linear`)."""
+        f = self._inference_fused()
+        if f is None:
+            x = x if norm is None else norm(x)
             return tuple(lin(x) for lin in self._fused_linears())
+        if norm is not None:
+            return fused_linear(x, f.weight, f.bias, norm=norm).split(f.sizes, dim=-1)
         return gemv_linear(x, f.weight, f.bias).split(f.sizes, dim=-1)   # F.linear unless batch-1 decode
 
     # ------------------------------------------------------------------ keep the fused tensor in sync

@@ -51,6 +51,7 @@ from hybridize.layers.base import Mixer, MixerState
 from hybridize.layers.norm import GatedRMSNorm
 from hybridize.ops import conv1d as conv_ops
 from hybridize.ops import ssd as ssd_ops
+from hybridize.ops.gemv import fused_linear
 
 
 @dataclass
@@ -227,16 +228,22 @@ class Mamba2Mixer(Mixer):
             state.ssm = final.to(state.ssm.dtype)
         return out, state
 
-    def step(self, x: Tensor, state: Mamba2State) -> Tensor:
-        """One token x (B, D) → y (B, D); state.conv and state.ssm are updated in place."""
+    step_fuses_norm = True
+
+    def step(self, x: Tensor, state: Mamba2State, norm: Optional[nn.Module] = None) -> Tensor:
+        """One token x (B, D) → y (B, D), of ``norm(x)`` when a norm is given; state.conv and state.ssm are
+        updated in place. At batch-1 decode the norms and the gate run inside the in / out GEMVs."""
         Bsz = x.shape[0]
-        z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        proj = fused_linear(x, self.in_proj.weight, self.in_proj.bias, norm=norm) if norm is not None \
+            else self.in_proj(x)
+        z, xbc, dt = torch.split(proj, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xbc = conv_ops.causal_conv1d_update(xbc, state.conv, self._conv_weight(), self.conv1d.bias,
                                             activation="silu")
         xh, Bm, Cm = self._split_xbc(xbc)
         y = ssd_ops.ssd_step(xh, dt, self._A(), Bm, Cm, state.ssm, D=self._D(), dt_bias=self.dt_bias,
                              dt_softplus=True, dt_limit=self.dt_limit)
-        return self.out_proj(self.norm(y.reshape(Bsz, self.d_inner), z))
+        return fused_linear(y.reshape(Bsz, self.d_inner), self.out_proj.weight, self.out_proj.bias,
+                            norm=self.norm, gate=z)
 
     def mixing_matrix(self, x: Tensor, *, seq_idx: Optional[Tensor] = None) -> Tensor:
         """M (B, H, L, L) fp32 with y_pre[:, t, h] = sum_s M[:, h, t, s] v[:, s, h], where v is the

@@ -218,9 +218,11 @@ class RGLRUBlock(FusedProjections, Mixer):
         state.lengths = _lengths_after(state.lengths, reset, L)
         return out, state
 
-    def step(self, x: Tensor, state: RGLRUState) -> Tensor:
-        """One token: x (B, D) → y (B, D); state updated in place."""
-        y, xb = self._project(x)                    # one matmul when fused
+    step_fuses_norm = True
+
+    def step(self, x: Tensor, state: RGLRUState, norm: Optional[nn.Module] = None) -> Tensor:
+        """One token: x (B, D) → y (B, D), of ``norm(x)`` when a norm is given; state updated in place."""
+        y, xb = self._project(x, norm)              # one matmul when fused (the norm inside at batch 1)
         y_branch = F.gelu(y, approximate="tanh")
         xc = causal_conv1d_update(xb, state.conv, self._conv_weight(), self.conv_1d.bias, activation=None)
         reset = state.lengths == 0

@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridize.ops._dispatch import use_kernels
-from hybridize.ops.gemv.reference import gemv_reference
+from hybridize.ops.gemv.reference import GLU_ACTS, gemv_fused_reference, gemv_reference
 
 #: (device type, device index, dtype, N, K, has_bias) → (block_n, block_k, num_warps, num_stages), or
 #: None: cuBLAS won. Read inside compiled code: nothing in the key may need a host call.
@@ -67,23 +67,108 @@ def _(x, weight, bias, block_n, block_k, num_warps, num_stages):
     return x.new_empty(1, weight.shape[0])
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; a single row x (..., K) with numel K takes the tuned Triton GEMV
-    when one is registered for this shape (see the module docstring) and no gradient is wanted."""
+def _gemv_config(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[tuple]:
+    """The tuned Triton config for ``x · weightᵀ`` if the batch-1 GEMV serves it, else None (F.linear)."""
     K = weight.shape[-1]
     if x.numel() != K or x.dtype != weight.dtype or weight.dtype not in _SUPPORTED or weight.dim() != 2 \
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) \
             or not use_kernels(x, weight):
-        return F.linear(x, weight, bias)
-    cfg = _CHOICE.get(_key(weight, bias is not None))
+        return None
+    return _CHOICE.get(_key(weight, bias is not None))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; a single row x (..., K) with numel K takes the tuned Triton GEMV
+    when one is registered for this shape (see the module docstring) and no gradient is wanted."""
+    cfg = _gemv_config(x, weight, bias)
     if cfg is None:
         return F.linear(x, weight, bias)
-    x2 = x.reshape(1, K)
+    x2 = x.reshape(1, weight.shape[-1])
     if torch.compiler.is_compiling():
         y = torch.ops.hybridize.gemv(x2, weight, bias, *cfg)
     else:
         y = _run(x2, weight, bias, cfg)           # direct launch: custom_op's Python dispatch costs µs
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# ---------------------------------------------------------------------------- fused decode GEMV
+def _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, glu, cfg):
+    from hybridize.ops.gemv.triton import GemvConfig, gemv_triton
+    out = gemv_triton(x, weight, bias, GemvConfig(*cfg), add=add, gate=gate, norm_weight=norm_weight, eps=eps,
+                      norm_offset=norm_offset, glu=glu or None, residual=residual)
+    return out if add is not None else (out, x.new_empty(0))
+
+
+@torch.library.custom_op("hybridize::gemv_fused", mutates_args=())
+def _gemv_fused_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Tensor],
+                   gate: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
+                   norm_offset: float, glu: str, block_n: int, block_k: int, num_warps: int,
+                   num_stages: int) -> Tuple[Tensor, Tensor]:
+    return _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, glu,
+                      (block_n, block_k, num_warps, num_stages))
+
+
+@_gemv_fused_op.register_fake
+def _(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, glu, block_n, block_k, num_warps,
+      num_stages):
+    N = weight.shape[0] // 2 if glu else weight.shape[0]
+    return x.new_empty(1, N), (x.new_empty(1, x.shape[-1]) if add is not None else x.new_empty(0))
+
+
+def _norm_params(norm: nn.Module, gated: bool) -> Optional[tuple]:
+    """(weight, eps, offset) of an RMSNorm (or of a one-group, gate-first GatedRMSNorm when `gated`) the
+    kernel's prologue reproduces; None for any other norm (the caller then runs the module itself)."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, Tensor) or w.dim() != 1:
+        return None
+    if gated:
+        if getattr(norm, "norm_before_gate", True) or getattr(norm, "group_size", None) != w.numel():
+            return None
+        return w, float(norm.eps), 0.0
+    if not hasattr(norm, "offset") or hasattr(norm, "group_size"):
+        return None
+    return w, float(norm.eps), float(norm.offset)
+
+
+def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, add: Optional[Tensor] = None,
+                 norm: Optional[nn.Module] = None, gate: Optional[Tensor] = None, glu: Optional[str] = None,
+                 residual: Optional[Tensor] = None):
+    """A decode-step matmul with its neighbours fused in; x (..., K) → y (..., N) [, h (..., K)]:
+
+        h = x + add;  u = norm(h) (or norm(h, gate): Mamba-2's gated RMSNorm);  z = linear(u, weight, bias)
+        y = act(z_gate) · z_up  (glu: weight = [gate rows; up rows]);  y = residual + y
+
+    `h` (the residual stream) is returned too when `add` is given. For one row on CUDA with a tuned shape
+    this is one Triton kernel (`triton.gemv_triton`; the RMSNorm's mean is taken in the same pass over K, so
+    nothing extra is read); otherwise the modules / ops run one after another, exactly as unfused code
+    would. In fp32 inside the kernel: results differ from the unfused ops by the roundings skipped."""
+    if gate is not None and norm is None:
+        raise ValueError("fused_linear: gate is applied inside the gated norm; pass norm=GatedRMSNorm(...) too")
+    if glu is not None and glu not in GLU_ACTS:
+        raise ValueError(f"fused_linear: glu must be one of {sorted(GLU_ACTS)}, got {glu!r}")
+    cfg = _gemv_config(x, weight, bias)
+    nparams = _norm_params(norm, gate is not None) if norm is not None else None
+    extras = [t for t in (add, gate, residual) if t is not None]
+    if cfg is not None and (norm is None or nparams is not None) \
+            and all(t.dtype == x.dtype and t.device == x.device for t in extras):
+        nw, eps, off = nparams if nparams is not None else (None, 0.0, 0.0)
+        K = weight.shape[-1]
+        args = (x.reshape(1, K), weight, bias, add, gate, nw, residual, eps, off, glu or "")
+        if torch.compiler.is_compiling():
+            y, h = torch.ops.hybridize.gemv_fused(*args, *cfg)
+        else:
+            y, h = _run_fused(*args, cfg)
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        return (y, h.view(x.shape)) if add is not None else y
+    h = x if add is None else x + add
+    u = h if norm is None else (norm(h, gate) if gate is not None else norm(h))
+    z = linear(u, weight, bias)
+    if glu is not None:
+        g, up = z.chunk(2, dim=-1)
+        z = GLU_ACTS[glu](g) * up
+    if residual is not None:
+        z = residual + z
+    return (z, h) if add is not None else z
 
 
 class GemvLinear(nn.Linear):
@@ -271,5 +356,5 @@ def prepare_decode_gemv(model: nn.Module, tune: bool = True) -> dict:
     return out
 
 
-__all__ = ["linear", "GemvLinear", "route_linears_", "unroute_linears_", "prepare_decode_gemv", "tune_shape",
+__all__ = ["linear", "fused_linear", "gemv_fused_reference", "GemvLinear", "route_linears_", "unroute_linears_", "prepare_decode_gemv", "tune_shape",
            "gemv_reference", "gemv_wanted"]

@@ -1,10 +1,19 @@
-"""Reference for the decode GEMV: y = x · Wᵀ + b for one input row, fp32 accumulation."""
+"""Reference for the decode GEMV: y = x · Wᵀ + b for one input row, fp32 accumulation, and its fused
+variant (residual add / gate / RMSNorm prologue, GLU / residual epilogue) used by the decode step."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+#: the GLU activations the fused epilogue supports
+GLU_ACTS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
 
 
 def gemv_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -13,3 +22,38 @@ def gemv_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def gemv_fused_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                         add: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+                         norm_weight: Optional[Tensor] = None, eps: float = 0.0, norm_offset: float = 0.0,
+                         glu: Optional[str] = None, residual: Optional[Tensor] = None):
+    """The fused decode GEMV, one input row x (1, K), in fp32 with one rounding per output:
+
+        h = round(x + add)                       (the residual stream, in x's dtype; h = x without add)
+        u = h · silu(gate)                       (gate (1, K), optional)
+        u = u · rsqrt(mean(u²) + eps) · (norm_offset + norm_weight)   (RMSNorm, optional)
+        z = u · Wᵀ + b
+        y = act(z[:, :N']) · z[:, N':]           (glu: W holds the gate rows, then the up rows; N' = N / 2)
+        y = y + residual                         (optional)
+
+    Returns y (1, N or N') in x's dtype, and h too when `add` is given."""
+    h = x if add is None else (x.float() + add.float()).to(x.dtype)
+    u = h.float().reshape(1, -1)
+    if gate is not None:
+        u = u * F.silu(gate.float().reshape(1, -1))
+    if norm_weight is not None:
+        u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps) * (norm_offset + norm_weight.float())
+    z = u @ weight.float().t()
+    if bias is not None:
+        z = z + bias.float()
+    if glu is not None:
+        g, up = z.chunk(2, dim=-1)
+        z = GLU_ACTS[glu](g) * up
+    if residual is not None:
+        z = z + residual.float().reshape(1, -1)
+    y = z.to(x.dtype)
+    return (y, h.reshape(1, -1)) if add is not None else y
+
+
+__all__ = ["gemv_reference", "gemv_fused_reference", "GLU_ACTS"]

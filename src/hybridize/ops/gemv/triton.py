@@ -26,33 +26,83 @@ def _build():
 
     @triton.jit
     def _gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
+                     Add, Hout, Gate, NormW, Res, eps, norm_offset,
                      HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Optional prologue on the input row (every program sees all of K, so each can do it alone):
+        #   h = round(x + add) (program 0 writes h: the residual stream), h *= silu(gate),
+        #   rmsnorm: h *= (norm_offset + normw) and rstd = rsqrt(mean(h²) + eps), a scalar applied to the
+        #   dot products at the end (so the mean needs no second pass over K).
+        # Optional epilogue: GLU (rows [0, N) are the gate, rows [N, 2N) the up projection of the same
+        # weight tensor: y = act(gate) * up) and + residual.
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         w_rows = W + rn.to(tl.int64)[:, None] * stride_wn          # int64: the head's N·K exceeds 2³¹
+        w2_rows = W + (rn + N).to(tl.int64)[:, None] * stride_wn
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
+            kmask = kk < K
             if EVEN_K:
-                x = tl.load(X + kk)
-                if EVEN_N:
-                    w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")
-                else:
-                    w = tl.load(w_rows + kk[None, :], mask=(rn < N)[:, None], other=0.0,
-                                eviction_policy="evict_first")
+                x = tl.load(X + kk).to(tl.float32)
             else:
-                x = tl.load(X + kk, mask=kk < K, other=0.0)
-                w = tl.load(w_rows + kk[None, :], mask=(rn < N)[:, None] & (kk < K)[None, :], other=0.0,
-                            eviction_policy="evict_first")
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+                x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                x = (x + tl.load(Add + kk, mask=kmask, other=0.0).to(tl.float32)).to(
+                    X.dtype.element_ty, fp_downcast_rounding="rtne")
+                tl.store(Hout + kk, x, mask=kmask & ((rk * 0 + pid) == 0))
+                x = x.to(tl.float32)
+            if HAS_GATE:
+                z = tl.load(Gate + kk, mask=kmask, other=0.0).to(tl.float32)
+                x = x * z * tl.sigmoid(z)
+            if NORM:
+                ss += x * x
+                x = x * (tl.load(NormW + kk, mask=kmask, other=0.0).to(tl.float32) + norm_offset)
+            wmask = (rn < N)[:, None] & kmask[None, :]
+            if EVEN_K and EVEN_N:
+                w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")
+            else:
+                w = tl.load(w_rows + kk[None, :], mask=wmask, other=0.0, eviction_policy="evict_first")
+            acc += w.to(tl.float32) * x[None, :]
+            if GLU != 0:
+                if EVEN_K and EVEN_N:
+                    w2 = tl.load(w2_rows + kk[None, :], eviction_policy="evict_first")
+                else:
+                    w2 = tl.load(w2_rows + kk[None, :], mask=wmask, other=0.0, eviction_policy="evict_first")
+                acc2 += w2.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        if NORM:
+            rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+            y = y * rstd
         if HAS_BIAS:
             y += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)
+        if GLU != 0:
+            up = tl.sum(acc2, axis=1)
+            if NORM:
+                up = up * rstd
+            if HAS_BIAS:
+                up += tl.load(Bias + N + rn, mask=rn < N, other=0.0).to(tl.float32)
+            if GLU == 1:      # silu
+                y = y * tl.sigmoid(y)
+            elif GLU == 2:    # gelu, tanh approximation (tanh u = 2 sigmoid(2u) - 1)
+                u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+                y = y * tl.sigmoid(2.0 * u)
+            else:             # gelu, erf
+                y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+            y = y * up
+        if HAS_RES:
+            y += tl.load(Res + rn, mask=rn < N, other=0.0).to(tl.float32)
         tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
 
     return _gemv_kernel
+
+
+#: GLU activations of the fused gate/up epilogue (kernel constexpr codes)
+GLU_CODES = {"silu": 1, "gelu_tanh": 2, "gelu": 3}
 
 
 @dataclass(frozen=True)
@@ -81,25 +131,50 @@ def _clip(cfg: GemvConfig, N: int, K: int) -> GemvConfig:
 
 
 def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                config: Optional[GemvConfig] = None) -> Tensor:
-    """x (1, K) (or (K,)), weight (N, K) with unit stride along K, bias (N,) or None → (1, N) in x's dtype."""
+                config: Optional[GemvConfig] = None, *, add: Optional[Tensor] = None,
+                gate: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, eps: float = 0.0,
+                norm_offset: float = 0.0, glu: Optional[str] = None, residual: Optional[Tensor] = None):
+    """x (1, K) (or (K,)), weight (N, K) with unit stride along K, bias (N,) or None → y (1, N) in x's dtype.
+
+    Fused extras (see `reference.gemv_fused_reference` for the exact definition):
+    add (K,): the input row is round(x + add) (returned as h: the caller's residual stream);
+    gate (K,): times silu(gate); norm_weight (K,): RMS-normalised (eps, norm_offset + norm_weight);
+    glu ("silu" / "gelu_tanh" / "gelu"): weight holds gate rows then up rows (2·N', K) → y (1, N') =
+    act(gate) · up; residual (N,): added at the end. Returns y, or (y, h) when `add` is given."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _build()
     K = x.shape[-1]
-    N = weight.shape[0]
     if weight.shape[1] != K or x.numel() != K:
         raise ValueError(f"gemv: x {tuple(x.shape)} must be one row of {weight.shape[1]} features for weight "
                          f"{tuple(weight.shape)}")
+    if glu is not None and (glu not in GLU_CODES or weight.shape[0] % 2):
+        raise ValueError(f"gemv: glu must be one of {sorted(GLU_CODES)} with an even number of weight rows, got "
+                         f"{glu!r} and {tuple(weight.shape)}")
     if weight.stride(1) != 1:
         weight = weight.contiguous()
+    N = weight.shape[0] // 2 if glu is not None else weight.shape[0]
     x = x.reshape(K).contiguous()
+
+    def vec(t, n, what):
+        if t is None:
+            return x
+        if t.numel() != n:
+            raise ValueError(f"gemv: {what} must have {n} elements, got {tuple(t.shape)}")
+        return t.reshape(n).contiguous()
+
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
-    if N == 0:
-        return y
-    cfg = _clip(config or CANDIDATES[0], N, K)
-    _KERNEL[(math.ceil(N / cfg.block_n),)](
-        x, weight, bias if bias is not None else x, y, N, K, weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN_N=N % cfg.block_n == 0, EVEN_K=K % cfg.block_k == 0,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y
+    h = torch.empty(1, K, device=x.device, dtype=x.dtype) if add is not None else None
+    cfg = _clip(config or CANDIDATES[0], max(N, 1), K)
+    if glu is not None:                     # the config was tuned on the (2N, K) matrix: same rows per program
+        cfg = GemvConfig(max(1, cfg.block_n // 2), cfg.block_k, cfg.num_warps, cfg.num_stages)
+    if N or add is not None:
+        _KERNEL[(max(1, math.ceil(N / cfg.block_n)),)](
+            x, weight, bias if bias is not None else x, y, N, K, weight.stride(0),
+            vec(add, K, "add"), h if h is not None else x, vec(gate, K, "gate"), vec(norm_weight, K, "norm_weight"),
+            vec(residual, N, "residual"), float(eps), float(norm_offset),
+            HAS_BIAS=bias is not None, EVEN_N=N > 0 and N % cfg.block_n == 0, EVEN_K=K % cfg.block_k == 0,
+            HAS_ADD=add is not None, HAS_GATE=gate is not None, NORM=norm_weight is not None,
+            GLU=GLU_CODES[glu] if glu is not None else 0, HAS_RES=residual is not None,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (y, h) if add is not None else y
