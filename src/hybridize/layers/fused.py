@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hybridize.ops.gemv import fused_linear
