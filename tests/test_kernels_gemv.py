@@ -341,3 +341,18 @@ def test_fused_linear_traces_without_graph_breaks(fused_counter, monkeypatch):
     torch.testing.assert_close(y.float(), want_y.float(), atol=3e-2, rtol=3e-2)
     _h_close(h, want_h)
     assert fused_counter == [(48, 40)]
+
+
+def test_fusion_switch_runs_the_parts(fused_counter, monkeypatch):
+    """HYBRIDIZE_GEMV_FUSED=0 (bench decode --no-gemv-fusion): the same numbers from the separate ops."""
+    from hybridize.layers.norm import RMSNorm
+    dt = torch.bfloat16
+    w, x = torch.randn(24, 40, dtype=dt) / 6, torch.randn(1, 40, dtype=dt)
+    _register(monkeypatch, (w, False))
+    norm = RMSNorm(40).to(dt)
+    with torch.no_grad():
+        fused = gemv.fused_linear(x, w, norm=norm)
+        monkeypatch.setitem(gemv._FUSION_WANTED, 0, False)
+        parts = gemv.fused_linear(x, w, norm=norm)
+    assert fused_counter == [(24, 40)]
+    torch.testing.assert_close(parts.float(), fused.float(), atol=3e-2, rtol=3e-2)

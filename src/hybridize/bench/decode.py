@@ -246,6 +246,9 @@ def main(argv=None) -> int:
                    "torch.compile (the eager step in a CUDA graph)")
     p.add_argument("--no-gemv", dest="gemv", action="store_false", help="batch-1 steps use cuBLAS for every "
                    "matmul (A/B of the tuned Triton GEMV, hybridize.ops.gemv; = HYBRIDIZE_GEMV=0)")
+    p.add_argument("--no-gemv-fusion", dest="gemv_fusion", action="store_false", help="batch-1 GEMVs without "
+                   "their fused norms / residual adds / GLU (A/B of hybridize.ops.gemv.fused_linear; = "
+                   "HYBRIDIZE_GEMV_FUSED=0)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep q/k/v, gate/up (and RG-LRU "
                    "branches) as separate matmuls (A/B of the engine's fused projections; = HYBRIDIZE_FUSE=0)")
     p.add_argument("--profile", default="", help="MODEL:BATCH:CONTEXT[,...]: print the top CUDA kernels of a "
@@ -266,6 +269,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.gemv:
         os.environ["HYBRIDIZE_GEMV"] = "0"
+    if not args.gemv_fusion:
+        os.environ["HYBRIDIZE_GEMV_FUSED"] = "0"
+        gemv_mod._FUSION_WANTED[0] = False
     if args.quick:
         args.models, args.verify_model = "llama-debug,mil50-debug", "mil50-debug"
         args.batches, args.contexts, args.new_tokens = "1,2", "0,40", 8
@@ -282,7 +288,8 @@ def main(argv=None) -> int:
     report = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.processor() or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
               "dtype": str(dtype), "hbm_bytes_per_s": args.hbm_bw, "new_tokens": args.new_tokens,
-              "fuse": fuse_wanted(args.fuse), "gemv": gemv_wanted(), "gemv_tuning": gemv_mod.TUNE_LOG,
+              "fuse": fuse_wanted(args.fuse), "gemv": gemv_wanted(),
+              "gemv_fusion": gemv_mod._FUSION_WANTED[0], "gemv_tuning": gemv_mod.TUNE_LOG,
               "decode": [], "hf_generate": [], "verify": [], "profile": [], "skipped": [], "errors": []}
     out = Path(args.json_out)
 

@@ -39,6 +39,12 @@ def gemv_wanted() -> bool:
     return os.environ.get("HYBRIDIZE_GEMV", "").lower() not in ("0", "off", "false", "no")
 
 
+def gemv_fusion_wanted() -> bool:
+    """HYBRIDIZE_GEMV_FUSED=0: `fused_linear` runs its parts one by one (plain GEMV + separate ops; A/B).
+    Read at call time on the host; compiled code bakes in the value it saw when it was traced."""
+    return os.environ.get("HYBRIDIZE_GEMV_FUSED", "").lower() not in ("0", "off", "false", "no")
+
+
 def _key(weight: Tensor, has_bias: bool) -> tuple:
     d = weight.device
     return (d.type, d.index, weight.dtype, int(weight.shape[0]), int(weight.shape[1]), bool(has_bias))
@@ -115,6 +121,10 @@ def _(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, glu, 
     return x.new_empty(1, N), (x.new_empty(1, x.shape[-1]) if add is not None else x.new_empty(0))
 
 
+#: read once per process (a module constant for torch.compile; tests flip it)
+_FUSION_WANTED = [gemv_fusion_wanted()]
+
+
 def _norm_params(norm: nn.Module, gated: bool) -> Optional[tuple]:
     """(weight, eps, offset) of an RMSNorm (or of a one-group, gate-first GatedRMSNorm when `gated`) the
     kernel's prologue reproduces; None for any other norm (the caller then runs the module itself)."""
@@ -146,7 +156,7 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
         raise ValueError("fused_linear: gate is applied inside the gated norm; pass norm=GatedRMSNorm(...) too")
     if glu is not None and glu not in GLU_ACTS:
         raise ValueError(f"fused_linear: glu must be one of {sorted(GLU_ACTS)}, got {glu!r}")
-    cfg = _gemv_config(x, weight, bias)
+    cfg = _gemv_config(x, weight, bias) if _FUSION_WANTED[0] else None
     nparams = _norm_params(norm, gate is not None) if norm is not None else None
     extras = [t for t in (add, gate, residual) if t is not None]
     if cfg is not None and (norm is None or nparams is not None) \
@@ -356,5 +366,5 @@ def prepare_decode_gemv(model: nn.Module, tune: bool = True) -> dict:
     return out
 
 
-__all__ = ["linear", "fused_linear", "gemv_fused_reference", "GemvLinear", "route_linears_", "unroute_linears_", "prepare_decode_gemv", "tune_shape",
+__all__ = ["linear", "fused_linear", "gemv_fusion_wanted", "gemv_fused_reference", "GemvLinear", "route_linears_", "unroute_linears_", "prepare_decode_gemv", "tune_shape",
            "gemv_reference", "gemv_wanted"]
