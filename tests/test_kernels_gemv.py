@@ -199,20 +199,27 @@ def _h_close(h, want):
     (5, 40, torch.float32, None, "all"), (5, 40, torch.bfloat16, "silu", "all"),
     (33, 300, torch.bfloat16, "gelu_tanh", "add_norm"), (33, 300, torch.float32, "gelu", "norm"),
     (64, 64, torch.bfloat16, None, "residual"), (64, 64, torch.bfloat16, None, "gate_norm"),
-    (1, 17, torch.float16, "silu", "all"), (0, 16, torch.bfloat16, None, "add_norm")])
+    (1, 17, torch.float16, "silu", "all"), (0, 16, torch.bfloat16, None, "add_norm"),
+    (24, 256, torch.float32, None, "grouped"), (24, 256, torch.bfloat16, "silu", "grouped")])
 def test_fused_gemv_matches_reference(N, K, dtype, glu, parts):
     t = _fused_inputs(N, K, dtype, glu, seed=N + K)
     kw = dict(glu=glu, eps=1e-5, norm_offset=0.5 if parts == "all" else 0.0)
     if parts in ("all", "add_norm"):
         kw["add"] = t["add"]
-    if parts in ("all", "gate_norm"):
+    if parts in ("all", "gate_norm", "grouped"):
         kw["gate"] = t["gate"]
+    if parts == "grouped":                      # Mamba-2's gated norm over groups of 64 channels
+        kw["norm_group"] = 64
     if parts != "residual":
         kw["norm_weight"] = t["nw"]
     if parts in ("all", "residual"):
         kw["residual"] = t["res"]
     want = ref.gemv_fused_reference(t["x"], t["w"], t["b"], **kw)
     for cfg in (kern.CANDIDATES[0], kern.GemvConfig(2, 16, 1, 1), kern.GemvConfig(16, 128, 4, 2)):
+        if kw.get("norm_group") and cfg.block_k < kw["norm_group"]:
+            with pytest.raises(ValueError, match="groups of 64"):
+                kern.gemv_triton(t["x"], t["w"], t["b"], cfg, **kw)
+            continue
         got = kern.gemv_triton(t["x"], t["w"], t["b"], cfg, **kw)
         if "add" in kw:
             (got, h), (want_y, want_h) = got, want
@@ -250,9 +257,10 @@ def fused_counter(monkeypatch):
     return calls
 
 
-def _register(monkeypatch, *weights_bias):
+def _register(monkeypatch, *weights_bias, variants=("plain",)):
     for w, has_bias in weights_bias:
-        monkeypatch.setitem(gemv._CHOICE, gemv._key(w, has_bias), (4, 32, 2, 1))
+        for v in variants:
+            monkeypatch.setitem(gemv._CHOICE, gemv._key(w, has_bias, v), (4, 32, 2, 1))
 
 
 def test_fused_linear_equals_the_unfused_modules(fused_counter, monkeypatch):
@@ -262,20 +270,21 @@ def test_fused_linear_equals_the_unfused_modules(fused_counter, monkeypatch):
     torch.manual_seed(0)
     dt = torch.bfloat16
     K, N = 48, 20
-    w_glu, w = torch.randn(2 * N, K, dtype=dt) / 7, torch.randn(N, K, dtype=dt) / 7
-    b_glu = torch.randn(2 * N, dtype=dt)
-    _register(monkeypatch, (w_glu, True), (w, False))
-    rms, gemma = RMSNorm(K, 1e-5).to(dt), RMSNorm(K, 1e-6, offset=1.0).to(dt)
+    w_glu, w = (torch.randn(2 * N, K, dtype=dt) / 7).to(DEVICE), (torch.randn(N, K, dtype=dt) / 7).to(DEVICE)
+    b_glu = torch.randn(2 * N, dtype=dt).to(DEVICE)
+    _register(monkeypatch, (w_glu, True), (w, False), variants=(
+        "add+norm+glu:silu", "norm+glu:gelu_tanh", "gate+norm", "res", "gate+norm+res", "gate+norm:16"))
+    rms, gemma = RMSNorm(K, 1e-5).to(DEVICE, dt), RMSNorm(K, 1e-6, offset=1.0).to(DEVICE, dt)
     with torch.no_grad():
         rms.weight.normal_()
         gemma.weight.normal_()
-    gated = GatedRMSNorm(K, 1e-5).to(dt)
-    x, add, z, r = (torch.randn(1, K, dtype=dt), torch.randn(1, K, dtype=dt), torch.randn(1, K, dtype=dt),
-                    torch.randn(1, N, dtype=dt))
+    gated = GatedRMSNorm(K, 1e-5).to(DEVICE, dt)
+    x, add, z, r = (torch.randn(1, K, dtype=dt).to(DEVICE), torch.randn(1, K, dtype=dt).to(DEVICE),
+                    torch.randn(1, K, dtype=dt).to(DEVICE), torch.randn(1, N, dtype=dt).to(DEVICE))
     cases = [dict(weight=w_glu, bias=b_glu, add=add, norm=rms, glu="silu"),
              dict(weight=w_glu, bias=b_glu, norm=gemma, glu="gelu_tanh"),
              dict(weight=w, norm=gated, gate=z),
-             dict(weight=w, residual=r)]
+             dict(weight=w, residual=r), dict(weight=w, norm=gated, gate=z, residual=r)]
     with torch.no_grad():
         for case in cases:
             got = gemv.fused_linear(x, **case)
@@ -286,15 +295,22 @@ def test_fused_linear_equals_the_unfused_modules(fused_counter, monkeypatch):
             for g_, w_ in zip(got, want):
                 torch.testing.assert_close(g_.float(), w_.float(), atol=5e-2, rtol=3e-2)
     assert len(fused_counter) == len(cases)
-    # a grouped gated norm is not what the prologue computes: the modules run, no fused kernel
+    # a grouped gated norm (Mamba-2 with ngroups > 1): its own variant; norm_before_gate is not fused
+    grouped = GatedRMSNorm(K, 1e-5, group_size=16).to(DEVICE, dt)
     with torch.no_grad():
-        gemv.fused_linear(x, w, norm=GatedRMSNorm(K, 1e-5, group_size=16).to(dt), gate=z)
-    assert len(fused_counter) == len(cases)
+        grouped.weight.normal_()
+        got = gemv.fused_linear(x, w, norm=grouped, gate=z)
+        torch.testing.assert_close(got.float(), F.linear(grouped(x, z).float(), w.float()), atol=5e-2, rtol=3e-2)
+        assert len(fused_counter) == len(cases) + 1
+        gemv.fused_linear(x, w, norm=GatedRMSNorm(K, 1e-5, norm_before_gate=True).to(DEVICE, dt), gate=z)
+    assert len(fused_counter) == len(cases) + 1
 
 
 def _register_model(model, monkeypatch):
-    for w, has_bias in gemv.model_weight_shapes(model):     # big blocks: few interpreted programs
-        monkeypatch.setitem(gemv._CHOICE, gemv._key(w, has_bias), (64, 128, 2, 1))
+    calls = gemv._decode_calls(model)                        # plain shapes and fused variants of a step
+    for w, has_bias, variant in calls:                       # big blocks: few interpreted programs
+        monkeypatch.setitem(gemv._CHOICE, gemv._key(w, has_bias, variant), (64, 128, 2, 1))
+    return calls
 
 
 @pytest.mark.parametrize("pattern", [("attention", "mamba2", "rglru", "discrete_mamba2")])
@@ -307,12 +323,14 @@ def test_fused_decode_step_matches_the_unfused_step(pattern, fused_counter, monk
     import copy
     cfg = hz.preset("mil50-debug", layer_pattern=list(pattern))
     torch.manual_seed(0)
-    model = hz.HybridLM(cfg).to(torch.bfloat16).eval().fuse_projections_()
+    model = hz.HybridLM(cfg).to(DEVICE, torch.bfloat16).eval().fuse_projections_()
     ref_model = copy.deepcopy(model)
-    _register_model(model, monkeypatch)
+    calls = _register_model(model, monkeypatch)
+    variants = {v for _, _, v in calls}
+    assert {"norm", "norm+glu:silu", "res", "gate+norm:16+res"} <= variants, variants
     cache = model.init_cache(1, max_seqlen=8, device=DEVICE)
     ref_cache = ref_model.init_cache(1, max_seqlen=8, device=DEVICE)
-    ids = torch.randint(0, cfg.vocab_size, (4, 1))
+    ids = torch.randint(0, cfg.vocab_size, (4, 1), device=DEVICE)
     for t in range(4):
         got = model.step(ids[t], cache)
         saved = dict(gemv._CHOICE)
@@ -320,18 +338,19 @@ def test_fused_decode_step_matches_the_unfused_step(pattern, fused_counter, monk
         want = ref_model.step(ids[t], ref_cache)
         gemv._CHOICE.update(saved)
         torch.testing.assert_close(got.float(), want.float(), atol=6e-2, rtol=5e-2)
-    assert fused_counter, "the fused kernels did not run"
-    kinds = set(model.layer_pattern)
-    assert len(fused_counter) >= 4 * (2 * len(kinds) + 1) - 4   # MLP (2) + mixer in-proj per layer + head
+    # every step: per layer in-proj (+norm) / out-proj (+residual) / gate-up (+norm, GLU) / down (+residual),
+    # and the head (+norm)
+    assert len(fused_counter) == 4 * (4 * len(pattern) + 1), len(fused_counter)
 
 
 def test_fused_linear_traces_without_graph_breaks(fused_counter, monkeypatch):
     """The compiled decode step calls fused_linear with fullgraph=True: the custom op must trace."""
     from hybridize.layers.norm import RMSNorm
     dt = torch.bfloat16
-    w, x, add = torch.randn(48, 40, dtype=dt) / 6, torch.randn(1, 40, dtype=dt), torch.randn(1, 40, dtype=dt)
-    _register(monkeypatch, (w, False))
-    norm = RMSNorm(40).to(dt)
+    w, x, add = (torch.randn(48, 40, dtype=dt) / 6).to(DEVICE), torch.randn(1, 40, dtype=dt).to(DEVICE), \
+        torch.randn(1, 40, dtype=dt).to(DEVICE)
+    _register(monkeypatch, (w, False), variants=("add+norm+glu:silu",))
+    norm = RMSNorm(40).to(DEVICE, dt)
     torch._dynamo.reset()
     fn = torch.compile(lambda x, a: gemv.fused_linear(x, w, add=a, norm=norm, glu="silu"), backend="eager",
                        fullgraph=True)
@@ -347,12 +366,21 @@ def test_fusion_switch_runs_the_parts(fused_counter, monkeypatch):
     """HYBRIDIZE_GEMV_FUSED=0 (bench decode --no-gemv-fusion): the same numbers from the separate ops."""
     from hybridize.layers.norm import RMSNorm
     dt = torch.bfloat16
-    w, x = torch.randn(24, 40, dtype=dt) / 6, torch.randn(1, 40, dtype=dt)
-    _register(monkeypatch, (w, False))
-    norm = RMSNorm(40).to(dt)
+    w, x = (torch.randn(24, 40, dtype=dt) / 6).to(DEVICE), torch.randn(1, 40, dtype=dt).to(DEVICE)
+    _register(monkeypatch, (w, False), variants=("norm",))
+    norm = RMSNorm(40).to(DEVICE, dt)
     with torch.no_grad():
         fused = gemv.fused_linear(x, w, norm=norm)
         monkeypatch.setattr(gemv, "_FUSION_WANTED", [False])
         parts = gemv.fused_linear(x, w, norm=norm)
     assert fused_counter == [(24, 40)]
     torch.testing.assert_close(parts.float(), fused.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(norm=True, glu="silu"), dict(gate=True, norm=True, norm_group=64,
+                                                                          residual=True),
+                                dict(add=True, norm=True, glu="gelu_tanh", residual=True)])
+def test_variant_names_round_trip(kw):
+    name = gemv.variant_name(**kw)
+    want = {**dict(add=False, gate=False, norm=False, glu=None, residual=False, norm_group=0), **kw}
+    assert gemv._parse_variant(name) == want

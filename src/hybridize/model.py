@@ -75,13 +75,13 @@ class HybridBlock(nn.Module):
     def step(self, x: Tensor, state: MixerState) -> Tensor:
         """x: (B, D) → (B, D); state updated in place. Mixers that take the norm (`step_fuses_norm`) and the
         MLP fuse it, the residual adds and their activations into their matmuls at batch-1 decode."""
-        if self.mixer.step_fuses_norm:
-            y = self.mixer.step(x, state, norm=self.mixer_norm)
+        if self.mixer.step_fuses_norm:         # norm inside the input GEMV, residual inside the output GEMV
+            x = self.mixer.step(x, state, norm=self.mixer_norm, residual=True)
         else:
-            y = self.mixer.step(self.mixer_norm(x), state)
+            x = x + self.mixer.step(self.mixer_norm(x), state)
         if self.mlp is not None:
-            return self.mlp.residual_step(x, y, self.mlp_norm)
-        return x + y
+            x = self.mlp.residual_step(x, self.mlp_norm)
+        return x
 
     def step_tokens(self, x: Tensor, state: MixerState, mixer_tokens=None) -> Tensor:
         """T tokens per row at once, in place (speculative verification). x: (B, T, D) → (B, T, D).

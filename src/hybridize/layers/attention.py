@@ -23,7 +23,7 @@ with recurrent mixers whose final state is the last document's state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,9 @@ from hybridize.config import AttentionConfig
 from hybridize.layers.base import Mixer, MixerState, position_ids_from_seq_idx
 from hybridize.layers.fused import FusedProjections
 from hybridize.layers.rotary import RotaryEmbedding
-from hybridize.ops.attention import decode_attention, decode_kernel_ok, repeat_kv
+from hybridize.ops.gemv import fused_linear
+from hybridize.ops.attention import (decode_attention, decode_attention_fused, decode_fused_ok,
+                                     decode_kernel_ok, repeat_kv)
 from hybridize.ops.attention.reference import slot_stream_index as _slot_stream_index
 from hybridize.ops.attention.reference import slot_visibility as _slot_visibility
 
@@ -90,13 +92,18 @@ class Attention(FusedProjections, Mixer):
         self.rotary = RotaryEmbedding(P, cfg)
 
     # ------------------------------------------------------------------ helpers
+    def _qkv_heads(self, x: Tensor, norm: Optional[Callable] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, D) → q (B, L, H, P), k (B, L, Hkv, P), v (B, L, Hkv, P) before RoPE: views of the
+        projection output (split views of one matmul's output when fused; no copies). norm: x is
+        un-normalised and the projection is that of norm(x) (fused into it where `_project` can)."""
+        q, k, v = self._project(x, norm=norm)
+        return (q.unflatten(-1, (self.num_heads, self.head_dim)),
+                k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+                v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+
     def _qkv(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, D) → rotated q (B, H, L, P), rotated k (B, Hkv, L, P), v (B, Hkv, L, P)."""
-        B, L, _ = x.shape
-        q, k, v = self._project(x)                  # one matmul when fused (split views of its output)
-        q = q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in self._qkv_heads(x))
         cos, sin = self.rotary(position_ids)
         return self.rotary.apply_rotary(q, cos, sin), self.rotary.apply_rotary(k, cos, sin), v
 
@@ -206,44 +213,72 @@ class Attention(FusedProjections, Mixer):
         return y, self._write_cache(state, k_all, v_all, stream, L)
 
     # ------------------------------------------------------------------ decoding
-    def step(self, x: Tensor, state: KVCache) -> Tensor:
+    step_fuses_norm = True          # step / step_tokens take the un-normalised x and its norm (see there)
+
+    def step(self, x: Tensor, state: KVCache, *, norm: Optional[Callable] = None,
+             residual: bool = False) -> Tensor:
         """One token per row at position ``lengths[b]``. x: (B, D) → y (B, D).
 
         Writes k/v into slot ``lengths[b] % C`` in place and increments ``lengths`` — no host syncs or
         value-dependent branches (CUDA-graph capturable, torch.compile(fullgraph=True) friendly). Inference
         only (in-place writes). A full-attention cache stepped past its capacity keeps the last C tokens
-        (acts as a window of C): size it with ``init_state(max_seqlen=...)``."""
-        return self.step_tokens(x[:, None], state)[:, 0]
+        (acts as a window of C): size it with ``init_state(max_seqlen=...)``. norm: see `step_tokens`."""
+        return self.step_tokens(x[:, None], state, norm=norm, residual=residual)[:, 0]
 
-    def step_tokens(self, x: Tensor, state: KVCache) -> Tensor:
+    def step_tokens(self, x: Tensor, state: KVCache, *, norm: Optional[Callable] = None,
+                    residual: bool = False) -> Tensor:
         """T tokens per row at positions ``lengths[b] + t`` (speculative verification; T = 1 is `step`).
         x: (B, T, D) → y (B, T, D). Token t attends the cached tokens and the chunk's tokens 0 … t.
+
+        norm (e.g. the block's pre-attention RMSNorm): x is un-normalised and the q/k/v projection reads
+        norm(x) (`FusedProjections._project(x, norm=norm)`, which fuses the norm into the batch-1 GEMV
+        where it can); the result equals ``step_tokens(norm(x), state)``. residual: return x + y (the
+        block's residual add, fused into the o_proj GEMV at batch-1 decode).
 
         In place like `step`: k/v go to slots ``(lengths[b] + t) % C``, ``lengths += T``. Rolling back to
         ``lengths - (T - n)`` afterwards is exact as long as the T writes overwrote nothing still visible:
         a full-attention cache that does not wrap, or a ring of ``window + T - 1`` slots or more (see
         `hybridize.generate.cache_ops.alloc_cache`'s ``window_slack``).
 
-        On CUDA the attention is a split-K (flash-decoding) Triton kernel that reads only the slots that
-        hold tokens (``hybridize::decode_attention``, a custom op under torch.compile); elsewhere, or when
-        the kernel cannot serve the shapes, SDPA with a slot mask."""
+        Where the Triton decode kernel applies (CUDA, `decode_kernel_ok`; T <= C): one fused op
+        (``hybridize::decode_attention_fused``, `decode_attention_fused`) takes the raw projections and
+        does RoPE of q and k, the cache writes, a split-K (flash-decoding) attention that reads only the
+        slots holding tokens and ``lengths += T`` in one or two launches (at batch-1 decode each separate
+        small kernel costs ~1 µs of latency). Otherwise (CPU, shapes the kernels cannot serve) the same
+        steps in PyTorch, with the unfused kernel (``hybridize::decode_attention``) or SDPA with a slot
+        mask for the attention."""
         B, T, _ = x.shape
         H, P = self.num_heads, self.head_dim
         n0 = state.lengths
         C = state.capacity
+        q, k, v = self._qkv_heads(x, norm)                                # (B, T, H|Hkv, P), before RoPE
+        if T <= C and n0.dtype == torch.long and n0.is_contiguous() and \
+                decode_fused_ok(q, state.k, self.n_rep, self.rotary.rot_dim, self.rotary.interleaved):
+            rot = self.rotary
+            out = decode_attention_fused(q, k, v, rot.inv_freq, state.k, state.v, n0, self.window or 0,
+                                         self.scale, rot.attention_scaling, rot.interleaved)   # (B, T, H, P)
+            return self._out_proj(out.reshape(B, T, H * P), x if residual else None)
         pos = n0[:, None] + torch.arange(T, device=x.device)             # (B, T) stream = RoPE positions
-        q, k, v = self._qkv(x, pos)                                       # (B, H|Hkv, T, P)
+        cos, sin = self.rotary(pos)
+        q = self.rotary.apply_rotary(q.transpose(1, 2), cos, sin)        # (B, H, T, P)
+        k = self.rotary.apply_rotary(k.transpose(1, 2), cos, sin)        # (B, Hkv, T, P)
         rows = torch.arange(B, device=x.device)[:, None]
         slots = torch.remainder(pos, C)
         # index_put_ on (B, T) × (Hkv, P): torch.compile re-inplaces it (no cache copy)
         state.k[rows, :, slots] = k.transpose(1, 2).to(state.k.dtype)
-        state.v[rows, :, slots] = v.transpose(1, 2).to(state.v.dtype)
+        state.v[rows, :, slots] = v.to(state.v.dtype)
         if decode_kernel_ok(q, state.k, self.n_rep):
             out = decode_attention(q, state.k, state.v, n0, self.window or 0, self.scale)   # (B, T, H, P)
         else:
             out = self._attend_cache_sdpa(q, state, n0, T)
         state.lengths.add_(T)
-        return self.o_proj(out.reshape(B, T, H * P))
+        return self._out_proj(out.reshape(B, T, H * P), x if residual else None)
+
+    def _out_proj(self, out: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """o_proj(out) (+ residual, fused into the batch-1 GEMV)."""
+        if residual is None:
+            return self.o_proj(out)
+        return fused_linear(out, self.o_proj.weight, self.o_proj.bias, residual=residual)
 
     def _attend_cache_sdpa(self, q: Tensor, state: KVCache, n0: Tensor, T: int) -> Tensor:
         """q (B, H, T, P) of the tokens at n0 + t, already written → (B, T, H, P) via SDPA with a slot mask.

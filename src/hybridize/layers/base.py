@@ -78,8 +78,8 @@ class Mixer(nn.Module):
 
     #: name used in configs' layer patterns
     kind: str = "abstract"
-    #: ``step(x, state, norm=...)`` takes the un-normalised input and its pre-norm (fused into the input
-    #: projection at batch-1 decode)
+    #: ``step(x, state, norm=..., residual=True)`` takes the un-normalised input and its pre-norm (fused
+    #: into the input projection at batch-1 decode) and returns x + y (the add fused into the output one)
     step_fuses_norm: bool = False
 
     def forward(self, x: Tensor, state: Optional[MixerState] = None, *, seq_idx: Optional[Tensor] = None,

@@ -159,9 +159,10 @@ class DiscreteMamba2Mixer(Mixer):
 
     step_fuses_norm = True
 
-    def step(self, x: Tensor, state: DiscreteMamba2State, norm: Optional[nn.Module] = None) -> Tensor:
-        """One token x (B, D) → y (B, D), of ``norm(x)`` when a norm is given (fused into the input GEMV at
-        batch-1 decode); state.conv and state.ssm are updated in place."""
+    def step(self, x: Tensor, state: DiscreteMamba2State, norm: Optional[nn.Module] = None,
+             residual: bool = False) -> Tensor:
+        """One token x (B, D) → y (B, D), of ``norm(x)`` when a norm is given (x + y with `residual`; at
+        batch-1 decode both inside the GEMVs); state.conv and state.ssm are updated in place."""
         Bsz = x.shape[0]
         proj = fused_linear(x, self.in_proj.weight, self.in_proj.bias, norm=norm) if norm is not None \
             else self.in_proj(x)
@@ -172,7 +173,10 @@ class DiscreteMamba2Mixer(Mixer):
         log_decay = -F.softplus(a.float())
         y = ssd_ops.ssd_step(xh, torch.ones_like(log_decay), None, Bm, Cm, state.ssm, D=self.D,
                              z=z.reshape(Bsz, self.n_v_heads, self.headdim), log_decay=log_decay)
-        return self.out_proj(y.reshape(Bsz, self.d_inner))
+        y = y.reshape(Bsz, self.d_inner)
+        if residual:
+            return fused_linear(y, self.out_proj.weight, self.out_proj.bias, residual=x)
+        return self.out_proj(y)
 
     def mixing_matrix(self, x: Tensor, *, seq_idx: Optional[Tensor] = None) -> Tensor:
         """M (B, H, L, L) fp32 (H = n_v_heads) with y_pre[:, t, h] = sum_s M[:, h, t, s] v[:, s, h],

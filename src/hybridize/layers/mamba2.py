@@ -230,9 +230,11 @@ class Mamba2Mixer(Mixer):
 
     step_fuses_norm = True
 
-    def step(self, x: Tensor, state: Mamba2State, norm: Optional[nn.Module] = None) -> Tensor:
-        """One token x (B, D) → y (B, D), of ``norm(x)`` when a norm is given; state.conv and state.ssm are
-        updated in place. At batch-1 decode the norms and the gate run inside the in / out GEMVs."""
+    def step(self, x: Tensor, state: Mamba2State, norm: Optional[nn.Module] = None,
+             residual: bool = False) -> Tensor:
+        """One token x (B, D) → y (B, D), of ``norm(x)`` when a norm is given (x + y with `residual`);
+        state.conv and state.ssm are updated in place. At batch-1 decode the norms, the gate and the
+        residual add run inside the in / out GEMVs."""
         Bsz = x.shape[0]
         proj = fused_linear(x, self.in_proj.weight, self.in_proj.bias, norm=norm) if norm is not None \
             else self.in_proj(x)
@@ -243,7 +245,7 @@ class Mamba2Mixer(Mixer):
         y = ssd_ops.ssd_step(xh, dt, self._A(), Bm, Cm, state.ssm, D=self._D(), dt_bias=self.dt_bias,
                              dt_softplus=True, dt_limit=self.dt_limit)
         return fused_linear(y.reshape(Bsz, self.d_inner), self.out_proj.weight, self.out_proj.bias,
-                            norm=self.norm, gate=z)
+                            norm=self.norm, gate=z, residual=x if residual else None)
 
     def mixing_matrix(self, x: Tensor, *, seq_idx: Optional[Tensor] = None) -> Tensor:
         """M (B, H, L, L) fp32 with y_pre[:, t, h] = sum_s M[:, h, t, s] v[:, s, h], where v is the

@@ -32,15 +32,14 @@ class GatedMLP(FusedProjections, nn.Module):
         gate, up = self._project(x)                 # one matmul when fused
         return self.down_proj(self.act(gate) * up)
 
-    def residual_step(self, x: Tensor, add: Tensor, norm: nn.Module) -> Tensor:
-        """The MLP half of a pre-norm block at decode: h = x + add; h + mlp(norm(h)). x, add: (..., D).
+    def residual_step(self, x: Tensor, norm: nn.Module) -> Tensor:
+        """The MLP half of a pre-norm block at decode: x + mlp(norm(x)). x: (..., D).
 
-        At batch 1 on CUDA (fused gate/up, tuned GEMV shapes) that is two kernels: [residual add, RMSNorm,
-        gate/up GEMV, act(gate) · up] and [down GEMV + h] (`hybridize.ops.gemv.fused_linear`); else the
-        same ops one by one."""
+        At batch 1 on CUDA (fused gate/up, tuned GEMV variants) that is two kernels: [RMSNorm, gate/up
+        GEMV, act(gate) · up] and [down GEMV + x] (`hybridize.ops.gemv.fused_linear`); else the same ops
+        one by one."""
         f = self._inference_fused()
         if f is None:
-            h = x + add
-            return h + self(norm(h))
-        gu, h = fused_linear(x, f.weight, f.bias, add=add, norm=norm, glu=self.activation)
-        return fused_linear(gu, self.down_proj.weight, self.down_proj.bias, residual=h)
+            return x + self(norm(x))
+        gu = fused_linear(x, f.weight, f.bias, norm=norm, glu=self.activation)
+        return fused_linear(gu, self.down_proj.weight, self.down_proj.bias, residual=x)

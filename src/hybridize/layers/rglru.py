@@ -48,6 +48,7 @@ from hybridize.config import RGLRUConfig
 from hybridize.layers.base import Mixer, MixerState, doc_starts
 from hybridize.layers.fused import FusedProjections
 from hybridize.ops.conv1d import causal_conv1d, causal_conv1d_update
+from hybridize.ops.gemv import fused_linear
 from hybridize.ops.rglru import rglru_scan, rglru_step
 
 MAX_SQRT_GRADIENT = 1000.0
@@ -220,8 +221,10 @@ class RGLRUBlock(FusedProjections, Mixer):
 
     step_fuses_norm = True
 
-    def step(self, x: Tensor, state: RGLRUState, norm: Optional[nn.Module] = None) -> Tensor:
-        """One token: x (B, D) → y (B, D), of ``norm(x)`` when a norm is given; state updated in place."""
+    def step(self, x: Tensor, state: RGLRUState, norm: Optional[nn.Module] = None,
+             residual: bool = False) -> Tensor:
+        """One token: x (B, D) → y (B, D), of ``norm(x)`` when a norm is given (x + y with `residual`: the
+        block's residual add inside the output GEMV at batch 1); state updated in place."""
         y, xb = self._project(x, norm)              # one matmul when fused (the norm inside at batch 1)
         y_branch = F.gelu(y, approximate="tanh")
         xc = causal_conv1d_update(xb, state.conv, self._conv_weight(), self.conv_1d.bias, activation=None)
@@ -230,7 +233,10 @@ class RGLRUBlock(FusedProjections, Mixer):
         a = torch.where(reset[:, None], torch.zeros_like(log_a), torch.exp(log_a))  # h_{t-1} := 0 at a document start
         h = rglru_step(v * m, a, state.rnn)
         state.lengths.add_(1)
-        return self.linear_out(h.to(y_branch.dtype) * y_branch)
+        g = h.to(y_branch.dtype) * y_branch
+        if residual:
+            return fused_linear(g, self.linear_out.weight, self.linear_out.bias, residual=x)
+        return self.linear_out(g)
 
     def init_state(self, batch_size: int, *, max_seqlen: Optional[int] = None, device=None,
                    dtype=None) -> RGLRUState:

@@ -27,9 +27,12 @@ from torch import Tensor
 from hybridize.ops._dispatch import use_kernels
 from hybridize.ops.gemv.reference import GLU_ACTS, gemv_fused_reference, gemv_reference
 
-#: (device type, device index, dtype, N, K, has_bias) → (block_n, block_k, num_warps, num_stages), or
-#: None: cuBLAS won. Read inside compiled code: nothing in the key may need a host call.
+#: (device type, device index, dtype, N, K, has_bias[, variant]) → (block_n, block_k, num_warps,
+#: num_stages), or None: cuBLAS (plain) / the separate ops (fused variants) won. Read inside compiled code:
+#: nothing in the key may need a host call. Variants: `variant_name` of a `fused_linear` call.
 _CHOICE: dict = {}
+#: while `recording` is on: every (key → (weight, has_bias, variant)) a batch-1 call could send to a kernel
+_RECORD: Optional[dict] = None
 _SUPPORTED = (torch.bfloat16, torch.float16)
 #: every `tune_shape` record of this process (benchmarks put it in their JSON)
 TUNE_LOG: list = []
@@ -45,15 +48,51 @@ def gemv_fusion_wanted() -> bool:
     return os.environ.get("HYBRIDIZE_GEMV_FUSED", "").lower() not in ("0", "off", "false", "no")
 
 
-def _key(weight: Tensor, has_bias: bool) -> tuple:
+def _key(weight: Tensor, has_bias: bool, variant: str = "plain") -> tuple:
     d = weight.device
-    return (d.type, d.index, weight.dtype, int(weight.shape[0]), int(weight.shape[1]), bool(has_bias))
+    key = (d.type, d.index, weight.dtype, int(weight.shape[0]), int(weight.shape[1]), bool(has_bias))
+    return key if variant == "plain" else key + (variant,)
 
 
-def _disk_key(weight: Tensor, has_bias: bool) -> str:
+def _disk_key(weight: Tensor, has_bias: bool, variant: str = "plain") -> str:
     """The tuning cache's key: the GPU's name instead of its index (host call; not for compiled code)."""
     dev = torch.cuda.get_device_name(weight.device) if weight.is_cuda else "cpu"
-    return "|".join(map(str, (dev, weight.dtype, weight.shape[0], weight.shape[1], bool(has_bias))))
+    key = "|".join(map(str, (dev, weight.dtype, weight.shape[0], weight.shape[1], bool(has_bias))))
+    return key if variant == "plain" else f"{key}|{variant}"
+
+
+def variant_name(add: bool = False, gate: bool = False, norm: bool = False, glu: Optional[str] = None,
+                 residual: bool = False, norm_group: int = 0) -> str:
+    """'plain' or the fused parts joined by '+', e.g. 'norm+glu:silu', 'gate+norm:64+res' (a norm over groups
+    of 64 channels)."""
+    parts = [n for n, on in (("add", add), ("gate", gate)) if on]
+    parts += [f"norm:{norm_group}" if norm_group else "norm"] if norm else []
+    parts += [f"glu:{glu}"] if glu else []
+    parts += ["res"] if residual else []
+    return "+".join(parts) or "plain"
+
+
+def _parse_variant(variant: str) -> dict:
+    parts = set() if variant == "plain" else set(variant.split("+"))
+    glu = next((p.split(":", 1)[1] for p in parts if p.startswith("glu:")), None)
+    norm = next((p for p in parts if p == "norm" or p.startswith("norm:")), None)
+    return dict(add="add" in parts, gate="gate" in parts, norm=norm is not None, glu=glu, residual="res" in parts,
+                norm_group=int(norm.split(":")[1]) if norm and ":" in norm else 0)
+
+
+class recording:
+    """``with recording() as calls:`` collects, instead of nothing, every (weight, has_bias, variant) that a
+    batch-1 `linear` / `fused_linear` call could run as a Triton kernel (tuned or not): what
+    `prepare_decode_gemv` must tune. calls: {key: (weight, has_bias, variant)}."""
+
+    def __enter__(self) -> dict:
+        global _RECORD
+        self._prev, _RECORD = _RECORD, {}
+        return _RECORD
+
+    def __exit__(self, *exc):
+        global _RECORD
+        _RECORD = self._prev
 
 
 # ---------------------------------------------------------------------------- the custom op
@@ -73,14 +112,18 @@ def _(x, weight, bias, block_n, block_k, num_warps, num_stages):
     return x.new_empty(1, weight.shape[0])
 
 
-def _gemv_config(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[tuple]:
-    """The tuned Triton config for ``x · weightᵀ`` if the batch-1 GEMV serves it, else None (F.linear)."""
+def _gemv_config(x: Tensor, weight: Tensor, bias: Optional[Tensor], variant: str = "plain") -> Optional[tuple]:
+    """The tuned Triton config for ``x · weightᵀ`` (fused `variant`) if the batch-1 GEMV serves it, else
+    None (F.linear / the separate ops)."""
     K = weight.shape[-1]
     if x.numel() != K or x.dtype != weight.dtype or weight.dtype not in _SUPPORTED or weight.dim() != 2 \
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) \
             or not use_kernels(x, weight):
         return None
-    return _CHOICE.get(_key(weight, bias is not None))
+    key = _key(weight, bias is not None, variant)
+    if _RECORD is not None:
+        _RECORD.setdefault(key, (weight, bias is not None, variant))
+    return _CHOICE.get(key)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -98,25 +141,25 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- fused decode GEMV
-def _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, glu, cfg):
+def _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu, cfg):
     from hybridize.ops.gemv.triton import GemvConfig, gemv_triton
     out = gemv_triton(x, weight, bias, GemvConfig(*cfg), add=add, gate=gate, norm_weight=norm_weight, eps=eps,
-                      norm_offset=norm_offset, glu=glu or None, residual=residual)
+                      norm_offset=norm_offset, norm_group=norm_group, glu=glu or None, residual=residual)
     return out if add is not None else (out, x.new_empty(0))
 
 
 @torch.library.custom_op("hybridize::gemv_fused", mutates_args=())
 def _gemv_fused_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Tensor],
                    gate: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
-                   norm_offset: float, glu: str, block_n: int, block_k: int, num_warps: int,
+                   norm_offset: float, norm_group: int, glu: str, block_n: int, block_k: int, num_warps: int,
                    num_stages: int) -> Tuple[Tensor, Tensor]:
-    return _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, glu,
+    return _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu,
                       (block_n, block_k, num_warps, num_stages))
 
 
 @_gemv_fused_op.register_fake
-def _(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, glu, block_n, block_k, num_warps,
-      num_stages):
+def _(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu, block_n, block_k,
+      num_warps, num_stages):
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     return x.new_empty(1, N), (x.new_empty(1, x.shape[-1]) if add is not None else x.new_empty(0))
 
@@ -126,18 +169,20 @@ _FUSION_WANTED = [gemv_fusion_wanted()]
 
 
 def _norm_params(norm: nn.Module, gated: bool) -> Optional[tuple]:
-    """(weight, eps, offset) of an RMSNorm (or of a one-group, gate-first GatedRMSNorm when `gated`) the
-    kernel's prologue reproduces; None for any other norm (the caller then runs the module itself)."""
+    """(weight, eps, offset, group) of an RMSNorm (or of a gate-first GatedRMSNorm when `gated`; group = its
+    group size, 0 for one group) the kernel's prologue reproduces; None for any other norm (the caller then
+    runs the module itself)."""
     w = getattr(norm, "weight", None)
     if not isinstance(w, Tensor) or w.dim() != 1:
         return None
     if gated:
-        if getattr(norm, "norm_before_gate", True) or getattr(norm, "group_size", None) != w.numel():
+        group = getattr(norm, "group_size", None)
+        if getattr(norm, "norm_before_gate", True) or not isinstance(group, int) or w.numel() % group:
             return None
-        return w, float(norm.eps), 0.0
+        return w, float(norm.eps), 0.0, (0 if group == w.numel() else group)
     if not hasattr(norm, "offset") or hasattr(norm, "group_size"):
         return None
-    return w, float(norm.eps), float(norm.offset)
+    return w, float(norm.eps), float(norm.offset), 0
 
 
 def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, add: Optional[Tensor] = None,
@@ -156,14 +201,18 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
         raise ValueError("fused_linear: gate is applied inside the gated norm; pass norm=GatedRMSNorm(...) too")
     if glu is not None and glu not in GLU_ACTS:
         raise ValueError(f"fused_linear: glu must be one of {sorted(GLU_ACTS)}, got {glu!r}")
-    cfg = _gemv_config(x, weight, bias) if _FUSION_WANTED[0] else None
     nparams = _norm_params(norm, gate is not None) if norm is not None else None
     extras = [t for t in (add, gate, residual) if t is not None]
-    if cfg is not None and (norm is None or nparams is not None) \
+    cfg = None
+    if _FUSION_WANTED[0] and (norm is None or nparams is not None) \
             and all(t.dtype == x.dtype and t.device == x.device for t in extras):
-        nw, eps, off = nparams if nparams is not None else (None, 0.0, 0.0)
+        variant = variant_name(add is not None, gate is not None, norm is not None, glu, residual is not None,
+                               nparams[3] if nparams is not None else 0)
+        cfg = _gemv_config(x, weight, bias, variant)
+    if cfg is not None:
+        nw, eps, off, group = nparams if nparams is not None else (None, 0.0, 0.0, 0)
         K = weight.shape[-1]
-        args = (x.reshape(1, K), weight, bias, add, gate, nw, residual, eps, off, glu or "")
+        args = (x.reshape(1, K), weight, bias, add, gate, nw, residual, eps, off, group, glu or "")
         if torch.compiler.is_compiling():
             y, h = torch.ops.hybridize.gemv_fused(*args, *cfg)
         else:
@@ -285,10 +334,28 @@ def _graph_time_us(fn_per_copy, copies: int, reps: int = 20) -> float:
     return times[len(times) // 2]
 
 
+#: what a fused kernel must beat: the plain GEMV plus this much for the separate kernel(s) it replaces
+#: (an elementwise / norm kernel in a CUDA-graph replayed decode step costs ~1-2 µs on an H100; profiles
+#: in benchmarks/results/decode_gemv_h100.json)
+SAVED_LAUNCH_US = 1.0
+
+
+def _variant_inputs(variant: str, N: int, K: int, dtype, device) -> dict:
+    """Random inputs for a fused variant of an (N, K) weight (N counts gate + up rows for a GLU)."""
+    v = _parse_variant(variant)
+    n_out = N // 2 if v["glu"] else N
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)   # noqa: E731
+    return dict(add=mk(1, K) if v["add"] else None, gate=mk(1, K) if v["gate"] else None,
+                norm_weight=mk(K) if v["norm"] else None, eps=1e-5, norm_group=v["norm_group"], glu=v["glu"],
+                residual=mk(1, n_out) if v["residual"] else None)
+
+
 def tune_shape(N: int, K: int, dtype: torch.dtype, device, has_bias: bool = False,
-               l2_bytes: int = 256 << 20) -> dict:
-    """Time every candidate config and cuBLAS for y (1, N) = x (1, K) Wᵀ on `device`; returns a record
-    {config, triton_us, cublas_us, floor_us (at 3.35 TB/s), all: {config: µs}} and registers the choice."""
+               l2_bytes: int = 256 << 20, variant: str = "plain") -> dict:
+    """Time every candidate config for y = x (1, K) Wᵀ (N, K) on `device` — plain, or the fused `variant`
+    (`variant_name`) — and register the choice. The plain GEMV competes with cuBLAS; a fused variant with
+    the plain choice + `SAVED_LAUNCH_US` (what running its parts separately would cost). Returns a record
+    {config, triton_us, baseline_us, cublas_us (plain), floor_us (at 3.35 TB/s), all: {config: µs}}."""
     from hybridize.ops.gemv.triton import CANDIDATES, _clip, gemv_triton
 
     elt = torch.empty((), dtype=dtype).element_size()
@@ -297,24 +364,42 @@ def tune_shape(N: int, K: int, dtype: torch.dtype, device, has_bias: bool = Fals
     b = torch.randn(N, device=device, dtype=dtype) if has_bias else None
     x = torch.randn(1, K, device=device, dtype=dtype)
     ys = [None] * copies
+    fused = _variant_inputs(variant, N, K, dtype, device) if variant != "plain" else {}
+    n_out = N // 2 if fused.get("glu") else N
 
-    def cublas(i):
-        ys[i] = F.linear(x, ws[i], b)
+    rec: dict = {"N": N, "K": K, "dtype": str(dtype), "bias": has_bias, "variant": variant, "copies": copies,
+                 "all": {}}
+    if variant == "plain":
+        def base(i):
+            ys[i] = F.linear(x, ws[i], b)
+        rec["cublas_us"] = rec["baseline_us"] = _graph_time_us(base, copies)
+        want = F.linear(x.float(), ws[0].float(), None if b is None else b.float())
+    else:
+        plain = _CHOICE.get(_key(ws[0], has_bias))
+        if plain is None:                       # the plain GEMV is cuBLAS here
+            def base(i):
+                ys[i] = F.linear(x, ws[i], b)
+        else:
+            from hybridize.ops.gemv.triton import GemvConfig
 
-    rec: dict = {"N": N, "K": K, "dtype": str(dtype), "bias": has_bias, "copies": copies, "all": {}}
-    rec["cublas_us"] = _graph_time_us(cublas, copies)
-    want = F.linear(x.float(), ws[0].float(), None if b is None else b.float())
+            def base(i, cfg=GemvConfig(*plain)):
+                ys[i] = gemv_triton(x, ws[i], b, cfg)
+        rec["plain_us"] = _graph_time_us(base, copies)
+        rec["baseline_us"] = rec["plain_us"] + SAVED_LAUNCH_US
+        want = gemv_fused_reference(x, ws[0], b, **fused)
+        want = (want[0] if isinstance(want, tuple) else want).float()
     best = None
-    for cand in dict.fromkeys(_clip(c, N, K) for c in CANDIDATES):
+    for cand in dict.fromkeys(_clip(c, n_out, K) for c in CANDIDATES):
         cfg = (cand.block_n, cand.block_k, cand.num_warps, cand.num_stages)
         try:
-            got = gemv_triton(x, ws[0], b, cand).float()
-            if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
+            got = gemv_triton(x, ws[0], b, cand, **fused)
+            got = (got[0] if isinstance(got, tuple) else got).float()
+            if not torch.allclose(got, want, atol=3e-2, rtol=3e-2):
                 rec["all"][str(cfg)] = "mismatch"
                 continue
 
             def tri(i, cand=cand):
-                ys[i] = gemv_triton(x, ws[i], b, cand)
+                ys[i] = gemv_triton(x, ws[i], b, cand, **fused)
 
             us = _graph_time_us(tri, copies)
         except Exception as e:  # noqa: BLE001 — a config that fails to compile / launch is skipped
@@ -324,19 +409,39 @@ def tune_shape(N: int, K: int, dtype: torch.dtype, device, has_bias: bool = Fals
         if best is None or us < best[1]:
             best = (cfg, us)
     rec["floor_us"] = N * K * elt / 3.35e12 * 1e6
-    rec["config"] = best[0] if best and best[1] < 0.98 * rec["cublas_us"] else None
+    margin = 0.98 if variant == "plain" else 1.0
+    rec["config"] = best[0] if best and best[1] < margin * rec["baseline_us"] else None
     rec["triton_us"] = best[1] if best else None
-    _CHOICE[_key(ws[0], has_bias)] = rec["config"]
+    _CHOICE[_key(ws[0], has_bias, variant)] = rec["config"]
     TUNE_LOG.append(rec)
     del ws
     return rec
 
 
+def _decode_calls(model: nn.Module) -> list:
+    """(weight, has_bias, variant) of every matmul a batch-1 decode step of `model` would send to a Triton
+    GEMV: recorded from one eager step on a throw-away cache (HybridLM), else the model's Linear and fused
+    projection shapes (plain)."""
+    step, init_cache = getattr(model, "step", None), getattr(model, "init_cache", None)
+    if callable(step) and callable(init_cache):
+        p = next(model.parameters())
+        try:
+            cache = init_cache(1, max_seqlen=4, device=p.device, dtype=p.dtype)
+            with recording() as calls, torch.no_grad():
+                step(torch.zeros(1, dtype=torch.long, device=p.device), cache)
+            plain = [c for c in calls.values() if c[2] == "plain"]
+            return plain + [c for c in calls.values() if c[2] != "plain"]     # baselines first
+        except Exception as e:  # noqa: BLE001 — tuning must not break generation: fall back to the shapes
+            print(f"hybridize: could not record the decode step's matmuls ({type(e).__name__}: {e}); tuning "
+                  "the plain GEMV shapes only", file=sys.stderr)
+    return [(w, b, "plain") for w, b in model_weight_shapes(model)]
+
+
 def prepare_decode_gemv(model: nn.Module, tune: bool = True) -> dict:
-    """Route `model`'s Linears through `linear` and make sure each of its matmul shapes has a tuning
-    decision on this device (from the disk cache, else measured now: ~1-3 s per shape). Returns
-    {"routed": n, "shapes": {…: config or None}, "tuned_now": [records]}. No-op off CUDA / when
-    HYBRIDIZE_GEMV=0 / without triton."""
+    """Route `model`'s Linears through `linear` and make sure each matmul of its batch-1 decode step (plain
+    and fused variants, `_decode_calls`) has a tuning decision on this device (from the disk cache, else
+    measured now: ~1-3 s each). Returns {"routed": n, "shapes": {…: config or None}, "tuned_now": [records]}.
+    No-op off CUDA / when HYBRIDIZE_GEMV=0 / without triton."""
     out: dict = {"routed": 0, "shapes": {}, "tuned_now": []}
     params = list(model.parameters())
     if not gemv_wanted() or not params or not params[0].is_cuda or not use_kernels(params[0]):
@@ -344,20 +449,18 @@ def prepare_decode_gemv(model: nn.Module, tune: bool = True) -> dict:
     out["routed"] = route_linears_(model)
     disk = _load_disk()
     new: dict = {}
-    shapes = model_weight_shapes(model)
-    todo = sum(_key(w, b) not in _CHOICE and _disk_key(w, b) not in disk for w, b in shapes)
+    calls = [c for c in _decode_calls(model) if c[0].dtype in _SUPPORTED]
+    todo = sum(_key(*c) not in _CHOICE and _disk_key(*c) not in disk for c in calls)
     if todo and tune:
-        print(f"hybridize: tuning the batch-1 GEMV for {todo} matrix shape(s) on this GPU (once; cached in "
-              f"{_cache_path()})", file=sys.stderr, flush=True)
-    for w, has_bias in shapes:
-        if w.dtype not in _SUPPORTED:
-            continue
-        key, skey = _key(w, has_bias), _disk_key(w, has_bias)
+        print(f"hybridize: tuning the batch-1 GEMV for {todo} matrix shape(s) / fused variant(s) on this GPU "
+              f"(once; cached in {_cache_path()})", file=sys.stderr, flush=True)
+    for w, has_bias, variant in calls:
+        key, skey = _key(w, has_bias, variant), _disk_key(w, has_bias, variant)
         if key not in _CHOICE and skey in disk:
             cfg = disk[skey]
             _CHOICE[key] = tuple(cfg) if cfg else None
         if key not in _CHOICE and tune:
-            rec = tune_shape(w.shape[0], w.shape[1], w.dtype, w.device, has_bias)
+            rec = tune_shape(w.shape[0], w.shape[1], w.dtype, w.device, has_bias, variant=variant)
             out["tuned_now"].append(rec)
             new[skey] = rec["config"]
         out["shapes"][skey] = _CHOICE.get(key)
@@ -366,5 +469,5 @@ def prepare_decode_gemv(model: nn.Module, tune: bool = True) -> dict:
     return out
 
 
-__all__ = ["linear", "fused_linear", "gemv_fusion_wanted", "gemv_fused_reference", "GemvLinear", "route_linears_", "unroute_linears_", "prepare_decode_gemv", "tune_shape",
+__all__ = ["linear", "fused_linear", "gemv_fusion_wanted", "variant_name", "recording", "gemv_fused_reference", "GemvLinear", "route_linears_", "unroute_linears_", "prepare_decode_gemv", "tune_shape",
            "gemv_reference", "gemv_wanted"]

@@ -27,12 +27,13 @@ def gemv_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
 def gemv_fused_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                          add: Optional[Tensor] = None, gate: Optional[Tensor] = None,
                          norm_weight: Optional[Tensor] = None, eps: float = 0.0, norm_offset: float = 0.0,
-                         glu: Optional[str] = None, residual: Optional[Tensor] = None):
+                         norm_group: int = 0, glu: Optional[str] = None, residual: Optional[Tensor] = None):
     """The fused decode GEMV, one input row x (1, K), in fp32 with one rounding per output:
 
         h = round(x + add)                       (the residual stream, in x's dtype; h = x without add)
         u = h · silu(gate)                       (gate (1, K), optional)
-        u = u · rsqrt(mean(u²) + eps) · (norm_offset + norm_weight)   (RMSNorm, optional)
+        u = u · rsqrt(mean(u²) + eps) · (norm_offset + norm_weight)   (RMSNorm, optional; the mean over
+                                                                 groups of `norm_group` channels if > 0)
         z = u · Wᵀ + b
         y = act(z[:, :N']) · z[:, N':]           (glu: W holds the gate rows, then the up rows; N' = N / 2)
         y = y + residual                         (optional)
@@ -43,7 +44,9 @@ def gemv_fused_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if gate is not None:
         u = u * F.silu(gate.float().reshape(1, -1))
     if norm_weight is not None:
-        u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps) * (norm_offset + norm_weight.float())
+        g = u.reshape(1, -1, norm_group or u.shape[-1])
+        u = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)).reshape(u.shape)
+        u = u * (norm_offset + norm_weight.float())
     z = u @ weight.float().t()
     if bias is not None:
         z = z + bias.float()

@@ -28,7 +28,8 @@ def _build():
     def _gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
                      Add, Hout, Gate, NormW, Res, eps, norm_offset,
                      HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                     HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
+                     NORM_GROUP: tl.constexpr, GLU: tl.constexpr,
                      HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Optional prologue on the input row (every program sees all of K, so each can do it alone):
         #   h = round(x + add) (program 0 writes h: the residual stream), h *= silu(gate),
@@ -60,7 +61,12 @@ def _build():
                 z = tl.load(Gate + kk, mask=kmask, other=0.0).to(tl.float32)
                 x = x * z * tl.sigmoid(z)
             if NORM:
-                ss += x * x
+                if NORM_GROUP == 0:      # one group: rstd is a scalar applied to the dot products at the end
+                    ss += x * x
+                else:                    # groups of NORM_GROUP channels, whole groups in every tile
+                    xg = tl.reshape(x, (BLOCK_K // NORM_GROUP, NORM_GROUP))
+                    rg = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=1) / NORM_GROUP + eps)
+                    x = tl.reshape(xg * rg[:, None], (BLOCK_K,))
                 x = x * (tl.load(NormW + kk, mask=kmask, other=0.0).to(tl.float32) + norm_offset)
             wmask = (rn < N)[:, None] & kmask[None, :]
             if EVEN_K and EVEN_N:
@@ -75,15 +81,14 @@ def _build():
                     w2 = tl.load(w2_rows + kk[None, :], mask=wmask, other=0.0, eviction_policy="evict_first")
                 acc2 += w2.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
-        if NORM:
+        rstd = 1.0
+        if NORM and NORM_GROUP == 0:
             rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
             y = y * rstd
         if HAS_BIAS:
             y += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)
         if GLU != 0:
-            up = tl.sum(acc2, axis=1)
-            if NORM:
-                up = up * rstd
+            up = tl.sum(acc2, axis=1) * rstd
             if HAS_BIAS:
                 up += tl.load(Bias + N + rn, mask=rn < N, other=0.0).to(tl.float32)
             if GLU == 1:      # silu
@@ -133,12 +138,14 @@ def _clip(cfg: GemvConfig, N: int, K: int) -> GemvConfig:
 def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 config: Optional[GemvConfig] = None, *, add: Optional[Tensor] = None,
                 gate: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, eps: float = 0.0,
-                norm_offset: float = 0.0, glu: Optional[str] = None, residual: Optional[Tensor] = None):
+                norm_offset: float = 0.0, norm_group: int = 0, glu: Optional[str] = None,
+                residual: Optional[Tensor] = None):
     """x (1, K) (or (K,)), weight (N, K) with unit stride along K, bias (N,) or None → y (1, N) in x's dtype.
 
     Fused extras (see `reference.gemv_fused_reference` for the exact definition):
     add (K,): the input row is round(x + add) (returned as h: the caller's residual stream);
-    gate (K,): times silu(gate); norm_weight (K,): RMS-normalised (eps, norm_offset + norm_weight);
+    gate (K,): times silu(gate); norm_weight (K,): RMS-normalised (eps, norm_offset + norm_weight) over all
+    of K, or over groups of `norm_group` channels (the config's block_k must be a multiple of it);
     glu ("silu" / "gelu_tanh" / "gelu"): weight holds gate rows then up rows (2·N', K) → y (1, N') =
     act(gate) · up; residual (N,): added at the end. Returns y, or (y, h) when `add` is given."""
     global _KERNEL
@@ -166,8 +173,10 @@ def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
     h = torch.empty(1, K, device=x.device, dtype=x.dtype) if add is not None else None
     cfg = _clip(config or CANDIDATES[0], max(N, 1), K)
-    if glu is not None:                     # the config was tuned on the (2N, K) matrix: same rows per program
-        cfg = GemvConfig(max(1, cfg.block_n // 2), cfg.block_k, cfg.num_warps, cfg.num_stages)
+    norm_group = 0 if norm_weight is None or norm_group in (0, K) else int(norm_group)   # 0: one group
+    if norm_group and (K % norm_group or cfg.block_k % norm_group):
+        raise ValueError(f"gemv: a norm over groups of {norm_group} needs K ({K}) and block_k ({cfg.block_k}) to be "
+                         "multiples of it")
     if N or add is not None:
         _KERNEL[(max(1, math.ceil(N / cfg.block_n)),)](
             x, weight, bias if bias is not None else x, y, N, K, weight.stride(0),
@@ -175,6 +184,7 @@ def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             vec(residual, N, "residual"), float(eps), float(norm_offset),
             HAS_BIAS=bias is not None, EVEN_N=N > 0 and N % cfg.block_n == 0, EVEN_K=K % cfg.block_k == 0,
             HAS_ADD=add is not None, HAS_GATE=gate is not None, NORM=norm_weight is not None,
+            NORM_GROUP=norm_group,
             GLU=GLU_CODES[glu] if glu is not None else 0, HAS_RES=residual is not None,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (y, h) if add is not None else y
