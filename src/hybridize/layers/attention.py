@@ -33,11 +33,16 @@ from hybridize.config import AttentionConfig
 from hybridize.layers.base import Mixer, MixerState, position_ids_from_seq_idx
 from hybridize.layers.fused import FusedProjections
 from hybridize.layers.rotary import RotaryEmbedding
-from hybridize.ops.gemv import fused_linear
-from hybridize.ops.attention import (decode_attention, decode_attention_fused, decode_fused_ok,
-                                     decode_kernel_ok, repeat_kv)
+from hybridize.ops.attention import (
+    decode_attention,
+    decode_attention_fused,
+    decode_fused_ok,
+    decode_kernel_ok,
+    repeat_kv,
+)
 from hybridize.ops.attention.reference import slot_stream_index as _slot_stream_index
 from hybridize.ops.attention.reference import slot_visibility as _slot_visibility
+from hybridize.ops.gemv import fused_linear
 
 # `enable_gqa` appeared in torch 2.5; older versions repeat k/v explicitly.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)

@@ -534,7 +534,7 @@ def decode_attention_fused_reference(q, k, v, inv_freq, k_cache, v_cache, length
                                      rope_scale=1.0, interleaved=False):
     """What `decode_attention_fused` does, in PyTorch, the way the unfused step does it (cos/sin as
     `RotaryEmbedding.forward`, `apply_rotary`, index_put cache writes, fp32 attention, lengths += T)."""
-    from hybridize.layers.rotary import apply_rotary   # lazy: hybridize.layers imports this package
+    from hybridize.layers.rotary import apply_rotary  # lazy: hybridize.layers imports this package
 
     B, T, H, P = q.shape
     n0 = lengths.clone()
