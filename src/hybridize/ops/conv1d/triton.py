@@ -17,22 +17,34 @@ Kernels
 * ``_conv_fwd_kernel``: grid (B * ceil(L/BLOCK_L), ceil(C/BLOCK_C)). Each program computes a
   (BLOCK_L, BLOCK_C) tile of y from W shifted loads of the x tile (the halo re-reads hit L1/L2);
   the program holding the last time block also writes the final state.
-* ``_conv_bwd_kernel``: grid (B * n_split, ceil(C/BLOCK_C)); each program loops over the BLOCK_L
-  tiles of one time chunk. Per tile it loads xp at s-(W-1)..s+(W-1) and dy at s..s+W-1 once each
-  (shifted tiles, held in registers), recomputes the pre-activation with silu (instead of storing
-  it in the forward), writes dx and accumulates the dweight / dbias products, reduced over time
-  once per program into one partial per program (summed with torch: deterministic, no atomics).
-  The programs of the first chunk also write d(initial_state).
+* ``_conv_bwd_rows_kernel`` (the backward; ``_TUNE["bwd_impl"] = "rows"``): grid
+  (B * n_split, ceil(C/BLOCK_C)), ~``warps_per_sm`` warps per SM (one wave). A program owns BLOCK_C
+  channels and SUB time chunks of one sequence and streams through them one time step (row) at a
+  time: x_t and dy_t are each loaded once (plus W-1 rows of halo per chunk, L2 hits), the
+  pre-activation and silu' are computed once per element (one sigmoid), and everything that needs
+  neighbouring rows — xp at t-1..t-3 for the pre-activation and the dweight products, dz at
+  t-1..t-3 for dx — lives in registers carried from step to step, so no tile is re-read and no
+  value is recomputed. dweight / dbias accumulate per channel in registers; each program writes
+  one fp32 partial (W+1 values per channel), which ``_conv_bwd_reduce_kernel`` sums in a fixed
+  order (deterministic, no atomics) and casts in one small launch. The first chunk also emits
+  d(initial_state); d(final_state) is added to the last W-1 rows' dx.
+* ``_conv_bwd_kernel`` (the previous backward, ``"tiles"``, kept for A/B): each program loops over
+  (BLOCK_L, BLOCK_C) tiles of a time chunk, loading xp at s-3..s+3 and dy at s..s+3 as shifted
+  tiles and recomputing the pre-activation of every tap's token (4 sigmoids per element; static
+  SASS for sm_90: ~140 instructions per element, 240 registers), dweight partials summed with torch.
 * ``_conv_update_kernel``: grid (B, ceil(C/BLOCK_C)); one decode step, conv_state shifted in place.
 
 HBM floor (bytes that must move; e = element size of x, W taps, fp32 weight/bias negligible)
 --------------------------------------------------------------------------------------------------
 * forward:  read x + write y = 2·B·L·C·e   (+ B·L·8 seq_idx, + 2·B·C·(W-1)·e_state for the states)
-* backward: read x, dy + write dx = 3·B·L·C·e (+ partials n_split·B·C·(W+1)·4, + states)
+* backward: read x, dy + write dx = 3·B·L·C·e (+ partials: written and read once,
+  2·B·n_split·C·(W+1)·4 ≈ 2 % at the H100 default; + halo rows, mostly L2 hits; + states)
   (without silu x is still read, for dweight.)
 * update:   read x, state + write y, state = B·C·(2e + 2(W-1)·e_state)
 Measured (H100, bf16, W=4, silu, GPU time via CUDA-graph replay, triton 3.6), B·L·C =
-4·4096·2560: forward 76 us = 2.2 TB/s, backward ~280 us = 0.9 TB/s (a device copy: 2.9 TB/s).
+4·4096·2560: forward 76 us = 2.2 TB/s; the tiles backward ~280 us = 0.9 TB/s (a device copy:
+2.9 TB/s). The rows backward: see benchmarks/conv_probe.py (its static SASS, sm_90, bf16, W=4,
+silu, defaults: ~34 instructions per element, 128 registers, vs ~140 and 240 for the tiles kernel).
 
 Registered as ``torch.ops.hybridize.causal_conv1d_fwd / causal_conv1d_bwd / causal_conv1d_update``
 (``torch.library.custom_op`` + fake + autograd) for torch.compile(fullgraph=True); eager calls go
@@ -356,6 +368,248 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dy_ptr, dfin_ptr
 
 
 @triton.jit
+def _sigmoid_approx(z):
+    """1 / (1 + 2^(-z·log2 e)) with ex2.approx.ftz + rcp.approx.ftz: 4 instructions instead of ~11
+    (tl.sigmoid's exp adds a denormal fix-up and its division div.full a range fix-up); a few ulp,
+    like tl.sigmoid (results below 2^-126 flush to 0). PTX: not for the interpreter."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .f32 t; mul.f32 t, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; add.f32 t, t, 0f3F800000; "
+        "rcp.approx.ftz.f32 $0, t; }",
+        "=r,r", [z], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _rows_load(x_cur, dy_cur, seq_ptr, b, t, c, C, L, t_lim, sxl, sdl, ssb, ssl,
+               ROWS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """x, dy (raw dtype, (SUB, BLOCK_C)) and doc ids (SUB,) of the ROWS steps from t (SUB,) on, as
+    tuples; x_cur / dy_cur point at the rows t."""
+    xs = ()
+    ds = ()
+    ss = ()
+    for i in tl.static_range(ROWS):
+        m = c[None, :] < tl.where(t + i < t_lim, C, 0)[:, None]
+        xs = xs + (tl.load(x_cur + i * sxl, mask=m, other=0.0),)
+        ds = ds + (tl.load(dy_cur + i * sdl, mask=m, other=0.0),)
+        if HAS_SEQ:
+            ss = ss + (tl.load(seq_ptr + b * ssb + tl.minimum(t + i, L - 1).to(tl.int64) * ssl),)
+    return xs, ds, ss
+
+
+@triton.jit
+def _conv_bwd_rows_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dy_ptr, dfin_ptr,
+                          dx_ptr, part_ptr, dinit_ptr,
+                          L, C, n_split, chunk_len,
+                          sxb, sxl, swc, swk, sib, sic, sik, ssb, ssl, sdb, sdl, sfb, sfc, sfk,
+                          W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+                          HAS_SEQ: tl.constexpr, SILU: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                          BLOCK_C: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr,
+                          PREFETCH: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Backward, streamed over time. Program (b · n_split + split, cb) owns channels
+    cb·BLOCK_C + [0, BLOCK_C) and SUB consecutive time chunks q = split·SUB + s of chunk_len tokens,
+    [t0_q, t1_q), stepped through together as rows of a (SUB, BLOCK_C) tile.
+
+    Step t (= t0 + k, k = 0 .. chunk_len+W-2) reads x_t and dy_t once and computes dz_t =
+    dL/d(pre-activation_t) once (one sigmoid), from x_t and xp_{t-1..t-3} held in registers; adds
+    dz_t · xp_{t-l} (same document) to per-lag accumulators (t < t1 only); and emits
+    d xp_p, p = t-(W-1), = sum_m weight[:, W-1-m] · dz_{t-m} (same document) from dz_t and the W-1
+    previous dz (registers), + d final_state. The last W-1 steps are the halo (the next chunk's
+    first tokens: their dz, not their dweight terms). Loads are issued ROWS steps at a time.
+    The accumulators are summed over SUB and stored once as the program's partial."""
+    pid = tl.program_id(0)
+    b = (pid // n_split).to(tl.int64)
+    split = pid % n_split
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    t0 = (split * SUB + tl.arange(0, SUB)) * chunk_len     # (SUB,) chunk starts
+    t1 = tl.minimum(t0 + chunk_len, L)                      # chunk ends (t1 <= t0: empty chunk)
+    t_lim = tl.minimum(t1 + (W - 1), L)                     # rows read in the loop: [t0, t_lim)
+
+    zero = tl.zeros([SUB, BLOCK_C], dtype=tl.float32)
+    # v_l = weight[:, W-1-l]: the tap through which token t reads xp_{t-l}
+    v0 = tl.load(w_ptr + c * swc + (W - 1) * swk, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    v1 = v0
+    v2 = v0
+    v3 = v0
+    xm1 = zero   # xp at t-1, t-2, t-3 (raw; document masks are applied per token)
+    xm2 = zero
+    xm3 = zero
+    sm1 = 0      # their document ids (SUB,)
+    sm2 = 0
+    sm3 = 0
+    if HAS_SEQ:
+        sm1 = _seq_at(seq_ptr, b, t0 - 1, L, ssb, ssl)
+        sm2 = _seq_at(seq_ptr, b, t0 - 2, L, ssb, ssl)
+        sm3 = _seq_at(seq_ptr, b, t0 - 3, L, ssb, ssl)
+    if W > 1:
+        v1 = tl.load(w_ptr + c * swc + (W - 2) * swk, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        xm1 = _load_xp(x_ptr, init_ptr, b, t0 - 1, c, cmask, L, sxb, sxl, sib, sic, sik, W, HAS_INIT)
+    if W > 2:
+        v2 = tl.load(w_ptr + c * swc + (W - 3) * swk, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        xm2 = _load_xp(x_ptr, init_ptr, b, t0 - 2, c, cmask, L, sxb, sxl, sib, sic, sik, W, HAS_INIT)
+    if W > 3:
+        v3 = tl.load(w_ptr + c * swc + (W - 4) * swk, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        xm3 = _load_xp(x_ptr, init_ptr, b, t0 - 3, c, cmask, L, sxb, sxl, sib, sic, sik, W, HAS_INIT)
+    bv = 0.0
+    if HAS_BIAS:
+        if SILU:
+            bv = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    s_last = 0
+    if HAS_SEQ:
+        if HAS_DFINAL:
+            s_last = tl.load(seq_ptr + b * ssb + (L - 1) * ssl)
+    V = (v0, v1, v2, v3)
+    dzm1 = zero  # dz at t-1, t-2, t-3 (zero before t0: they only reach d xp_p for p < t0, emitted
+    dzm2 = zero  # for the first chunk only (d initial_state), where no token precedes t = 0)
+    dzm3 = zero
+    A0 = zero    # sum_t dz_t · xp_{t-l} (same document), lag l = 0..3; AB = sum_t dz_t
+    A1 = zero
+    A2 = zero
+    A3 = zero
+    AB = zero
+
+    # (the jit helpers other than _rows_load are inlined by hand in this loop: the interpreter
+    # re-patches triton.language on every helper call, ~1 ms each, and the tests run it)
+    # row pointers of step k0, advanced by ROWS rows per iteration (64-bit adds, no multiplies)
+    x_cur = x_ptr + b * sxb + t0.to(tl.int64)[:, None] * sxl + c[None, :]
+    dy_cur = dy_ptr + b * sdb + t0.to(tl.int64)[:, None] * sdl + c[None, :]
+    # d xp of step k0 is stored at row p = t0 + k0 - (W-1); dx is allocated contiguous (B, L, C)
+    dx_cur = dx_ptr + b * L * C + (t0 - (W - 1)).to(tl.int64)[:, None] * C + c[None, :]
+    q_hi = split * SUB + (SUB - 1)               # last chunk of this program
+    if PREFETCH:
+        xs, ds, ss = _rows_load(x_cur, dy_cur, seq_ptr, b, t0, c, C, L, t_lim, sxl, sdl, ssb, ssl,
+                                ROWS, HAS_SEQ)
+    for k0 in tl.range(0, chunk_len + (W - 1), ROWS):
+        if PREFETCH:   # the next ROWS steps' loads are in flight while these are computed
+            nxs, nds, nss = _rows_load(x_cur + ROWS * sxl, dy_cur + ROWS * sdl, seq_ptr, b,
+                                       t0 + (k0 + ROWS), c, C, L, t_lim, sxl, sdl, ssb, ssl, ROWS, HAS_SEQ)
+        else:          # the ROWS steps' loads first: they overlap each other
+            xs, ds, ss = _rows_load(x_cur, dy_cur, seq_ptr, b, t0 + k0, c, C, L, t_lim,
+                                    sxl, sdl, ssb, ssl, ROWS, HAS_SEQ)
+        for i in tl.static_range(ROWS):
+            t = t0 + (k0 + i)
+            xt = xs[i].to(tl.float32)
+            # the lag-l inputs of token t, zeroed where they belong to an earlier document
+            x1 = xm1
+            x2 = xm2
+            x3 = xm3
+            st = 0
+            if HAS_SEQ:
+                st = ss[i]
+                x1 = tl.where((sm1 == st)[:, None], xm1, 0.0)
+                x2 = tl.where((sm2 == st)[:, None], xm2, 0.0)
+                x3 = tl.where((sm3 == st)[:, None], xm3, 0.0)
+            dz = ds[i].to(tl.float32)
+            if SILU:
+                z = bv + v0 * xt
+                if W > 1:
+                    z += v1 * x1
+                if W > 2:
+                    z += v2 * x2
+                if W > 3:
+                    z += v3 * x3
+                if FAST_SIGMOID:
+                    sg = _sigmoid_approx(z)
+                else:
+                    sg = 1 / (1 + tl.exp(-z))  # = tl.sigmoid
+                dz = dz * sg * (1.0 + z * (1.0 - sg))
+            # dweight / dbias: the tokens of the chunk only (the halo steps belong to the next)
+            dza = tl.where((t < t1)[:, None], dz, 0.0)
+            A0 += dza * xt
+            if W > 1:
+                A1 += dza * x1
+            if W > 2:
+                A2 += dza * x2
+            if W > 3:
+                A3 += dza * x3
+            if HAS_BIAS:
+                AB += dza
+            # d xp_p, p = t-(W-1): token p+l reads it through lag l (same document only)
+            p = t - (W - 1)
+            DZ = (dz, dzm1, dzm2, dzm3)
+            SQ = (st, sm1, sm2, sm3)
+            dxp = DZ[W - 1] * v0
+            for m_ in tl.static_range(W - 1):
+                term = DZ[m_]
+                if HAS_SEQ:
+                    term = tl.where((SQ[m_] == SQ[W - 1])[:, None], term, 0.0)
+                dxp += term * V[W - 1 - m_]
+            if HAS_DFINAL:
+                # the final state holds xp at L-(W-1) .. L-1 (slot j), of the last document only
+                if q_hi * chunk_len + (k0 + i) >= L:    # (scalar: some row of the tile has j >= 0)
+                    j = p - (L - (W - 1))
+                    df = tl.load(dfin_ptr + b * sfb + c[None, :].to(tl.int64) * sfc + j[:, None] * sfk,
+                                 mask=c[None, :] < tl.where((j >= 0) & (j < W - 1), C, 0)[:, None],
+                                 other=0.0).to(tl.float32)
+                    if HAS_SEQ:
+                        df = tl.where((SQ[W - 1] == s_last)[:, None], df, 0.0)
+                    dxp += df
+            tl.store(dx_cur + i * C, dxp.to(dx_ptr.dtype.element_ty),
+                     mask=c[None, :] < tl.where((p >= t0) & (p < t1), C, 0)[:, None])
+            if HAS_INIT:
+                if W > 1:
+                    if (split == 0) & (k0 + i < W - 1):
+                        # d initial_state[:, :, p + W-1] (p < 0: chunk 0 only); dinit is allocated
+                        # contiguous (B, C, W-1)
+                        tl.store(dinit_ptr + b * C * (W - 1) + c[None, :].to(tl.int64) * (W - 1)
+                                 + (p + (W - 1))[:, None], dxp.to(dinit_ptr.dtype.element_ty),
+                                 mask=c[None, :] < tl.where(t0 == 0, C, 0)[:, None])
+            xm3 = xm2
+            xm2 = xm1
+            xm1 = xt
+            dzm3 = dzm2
+            dzm2 = dzm1
+            dzm1 = dz
+            if HAS_SEQ:
+                sm3 = sm2
+                sm2 = sm1
+                sm1 = st
+        x_cur += ROWS * sxl
+        dy_cur += ROWS * sdl
+        dx_cur += ROWS * C
+        if PREFETCH:
+            xs = nxs
+            ds = nds
+            ss = nss
+
+    # the program's partial sums (summed over programs by _conv_bwd_reduce_kernel: deterministic)
+    # part is allocated contiguous (B · n_split, BLOCK_W + 1, C): taps k < W, then the bias
+    base = part_ptr + pid.to(tl.int64) * ((BLOCK_W + 1) * C) + c
+    tl.store(base + (W - 1) * C, tl.sum(A0, axis=0), mask=cmask)
+    if W > 1:
+        tl.store(base + (W - 2) * C, tl.sum(A1, axis=0), mask=cmask)
+    if W > 2:
+        tl.store(base + (W - 3) * C, tl.sum(A2, axis=0), mask=cmask)
+    if W > 3:
+        tl.store(base + (W - 4) * C, tl.sum(A3, axis=0), mask=cmask)
+    if HAS_BIAS:
+        tl.store(base + BLOCK_W * C, tl.sum(AB, axis=0), mask=cmask)
+
+
+@triton.jit
+def _conv_bwd_reduce_kernel(part_ptr, dw_ptr, db_ptr, n_rows, C, sdwc, sdwk,
+                            W: tl.constexpr, BLOCK_W: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dweight[c, k] = sum_r part[r, k, c] (k < W), dbias[c] = sum_r part[r, BLOCK_W, c], in a fixed
+    order (deterministic), cast to the parameters' dtypes. Grid (ceil(C / BLOCK_C), W + has_bias):
+    program (cb, k) sums one tap (k = W: the bias) over all rows."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    k = tl.program_id(1)
+    kk = tl.where(k < W, k, BLOCK_W)
+    r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in tl.range(0, n_rows, BLOCK_R):
+        rr = r0 + r
+        offs = rr.to(tl.int64)[:, None] * ((BLOCK_W + 1) * C) + kk * C + c[None, :]
+        acc += tl.load(part_ptr + offs, mask=(rr < n_rows)[:, None] & cmask[None, :], other=0.0)
+    s = tl.sum(acc, axis=0)
+    if k < W:
+        tl.store(dw_ptr + c * sdwc + k * sdwk, s.to(dw_ptr.dtype.element_ty), mask=cmask)
+    else:
+        tl.store(db_ptr + c, s.to(db_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
 def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, C,
                         sxb, ssb, ssc, ssk, swc, swk, syb,
                         W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
@@ -391,15 +645,35 @@ def _rows_unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# Tunables (module-level so a benchmark can sweep them): (BLOCK_L, BLOCK_C, num_warps) caps.
-# bwd_per_sm: programs per SM the time axis is split for (each loops over its chunk's tiles);
-# bwd_stages: software-pipelining depth of that loop. Chosen on an H100 (bf16, W=4, silu,
-# B·L·C = 4·4096·2560): forward 76 us = 2.2 TB/s (a copy reaches 2.9), backward 280 us = 0.9 TB/s.
-_TUNE = {"fwd": (16, 64, 2), "bwd": (16, 64, 4), "bwd_per_sm": 4, "bwd_stages": 1}
+# Tunables (module-level so a benchmark can sweep them, e.g. benchmarks/conv_probe.py).
+# fwd: (BLOCK_L, BLOCK_C, num_warps) caps of the forward (H100, bf16, W=4, silu, B·L·C =
+#   4·4096·2560: 76 us = 2.2 TB/s; a copy reaches 2.9).
+# bwd_impl: "rows" (default: _conv_bwd_rows_kernel + _conv_bwd_reduce_kernel) or "tiles" (the
+#   previous backward, _conv_bwd_kernel: ~280 us = 0.9 TB/s at that shape, kept for A/B).
+# bwd_rows: the rows kernel on a GPU: block_c channels and num_warps per program; rows: steps whose
+#   loads are issued together; prefetch: issue the next `rows` steps' loads before computing these;
+#   sub: time chunks per program; warps_per_sm: the time axis is split for ~that many warps per SM
+#   (one wave if they fit: 16 at <= 128 registers; each program streams its chunks); fast_sigmoid:
+#   ex2/rcp.approx.ftz PTX (not in the interpreter).
+#   bwd_reduce: (BLOCK_R, BLOCK_C, num_warps) of the partial sums.
+# bwd / bwd_per_sm / bwd_stages: (BLOCK_L, BLOCK_C, num_warps), programs per SM and pipelining depth
+#   of the "tiles" backward. *_interp: the geometry used for CPU tensors (the interpreter).
+_TUNE = {"fwd": (16, 64, 2),
+         "bwd_impl": "rows",
+         "bwd_rows": dict(block_c=128, num_warps=1, rows=4, prefetch=True, sub=1, warps_per_sm=16,
+                          fast_sigmoid=True),
+         "bwd_reduce": (64, 32, 4),
+         "bwd": (16, 64, 4), "bwd_per_sm": 4, "bwd_stages": 1,
+         # CPU tensors (the interpreter, ~ms per op and program): wide tiles, few programs
+         "fwd_interp": (64, 256, 2),
+         "bwd_rows_interp": dict(block_c=256, num_warps=1, rows=2, prefetch=True, sub=16, warps_per_sm=0.25,
+                                 fast_sigmoid=False),
+         "bwd_reduce_interp": (64, 256, 4),
+         "bwd_interp": (16, 64, 4)}
 
 
-def _blocks(L: int, C: int, which: str):
-    bl, bc, nw = _TUNE[which]
+def _blocks(L: int, C: int, which: str, device):
+    bl, bc, nw = _TUNE[which if device.type == "cuda" else which + "_interp"]
     BLOCK_C = min(bc, triton.next_power_of_2(max(C, 1)))
     BLOCK_L = min(bl, max(16, triton.next_power_of_2(max(L, 1))))
     return BLOCK_L, BLOCK_C, nw
@@ -453,7 +727,7 @@ def _fwd_impl(x, weight, bias, initial_state, seq_idx, silu):
         else:
             final.zero_()
         return y, final
-    BLOCK_L, BLOCK_C, num_warps = _blocks(L, C, "fwd")
+    BLOCK_L, BLOCK_C, num_warps = _blocks(L, C, "fwd", x.device)
     n_lblk = triton.cdiv(L, BLOCK_L)
     seq, ssb, ssl = _seq_args(seq_idx, x)
     init, sib, sic, sik = _state_args(initial_state, x)
@@ -469,25 +743,100 @@ def _fwd_impl(x, weight, bias, initial_state, seq_idx, silu):
 
 
 def _bwd_impl(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu):
+    if _TUNE["bwd_impl"] == "tiles":
+        return _bwd_tiles_impl(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu)
+    return _bwd_rows_impl(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu)
+
+
+def _bwd_alloc(x, weight, bias, initial_state, dfinal):
+    """dx, dbias, dinit buffers; (dx, dweight, dbias, dinit) already final when L == 0, else None."""
     Bsz, L, C = x.shape
     W = weight.shape[1]
-    x = _rows_unit_stride(x)
-    dy = _rows_unit_stride(dy)
-    bias = bias.contiguous() if bias is not None else None
     dx = torch.empty(Bsz, L, C, device=x.device, dtype=x.dtype)
     # dbias / dinit are only returned to autograd when bias / initial_state exist, and then they are
     # fully written: no memset launches
     dbias = torch.empty(C, device=x.device, dtype=bias.dtype if bias is not None else weight.dtype)
     idtype = initial_state.dtype if initial_state is not None else x.dtype
     dinit = torch.empty(Bsz, C, W - 1, device=x.device, dtype=idtype)
+    done = None
     if L == 0:
         dbias.zero_()
         if dfinal is not None:
             dinit.copy_(dfinal)
         else:
             dinit.zero_()
-        return dx, torch.zeros_like(weight), dbias, dinit
-    BLOCK_L, BLOCK_C, num_warps = _blocks(L, C, "bwd")
+        done = (dx, torch.zeros_like(weight), dbias, dinit)
+    return dx, dbias, dinit, done
+
+
+# the last compiled rows kernel launched (GPU: .n_regs, .n_spills; read by benchmarks/conv_probe.py)
+_LAUNCHED = {}
+
+
+def _rows_config(Bsz: int, L: int, C: int, W: int, device) -> dict:
+    """Launch geometry of _conv_bwd_rows_kernel: B · n_split · n_cblk programs of num_warps warps,
+    ~warps_per_sm warps per SM, each owning `sub` chunks of chunk_len tokens; chunk_len + W-1 (the
+    steps of a chunk) is a multiple of `rows` (no idle steps)."""
+    cfg = _TUNE["bwd_rows" if device.type == "cuda" else "bwd_rows_interp"]
+    num_warps, rows, sub = cfg["num_warps"], cfg["rows"], cfg["sub"]
+    BLOCK_C = min(cfg["block_c"], max(32 * num_warps, triton.next_power_of_2(max(C, 1))))
+    n_cblk = triton.cdiv(C, BLOCK_C)
+    want = max(1, round(cfg["warps_per_sm"] * _num_sms(device) / (num_warps * Bsz * n_cblk)))  # per sequence
+    chunk = triton.cdiv(L, want * sub)
+    chunk = max(1, triton.cdiv(chunk + W - 1, rows) * rows - (W - 1))
+    return dict(BLOCK_C=BLOCK_C, n_cblk=n_cblk, num_warps=num_warps, ROWS=rows, SUB=sub,
+                PREFETCH=bool(cfg["prefetch"]),
+                FAST_SIGMOID=bool(cfg["fast_sigmoid"]) and device.type == "cuda",   # PTX: GPU only
+                chunk_len=chunk, n_split=triton.cdiv(L, sub * chunk))
+
+
+def _bwd_rows_impl(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu):
+    Bsz, L, C = x.shape
+    W = weight.shape[1]
+    x = _rows_unit_stride(x)
+    dy = _rows_unit_stride(dy)
+    bias = bias.contiguous() if bias is not None else None
+    dx, dbias, dinit, done = _bwd_alloc(x, weight, bias, initial_state, dfinal)
+    if done is not None:
+        return done
+    g = _rows_config(Bsz, L, C, W, x.device)
+    n_split = g["n_split"]
+    part = torch.empty(Bsz * n_split, _BLOCK_W + 1, C, device=x.device, dtype=torch.float32)
+    seq, ssb, ssl = _seq_args(seq_idx, x)
+    init, sib, sic, sik = _state_args(initial_state, x)
+    has_dfinal = dfinal is not None and W > 1
+    if has_dfinal:
+        dfin, sfb, sfc, sfk = dfinal, dfinal.stride(0), dfinal.stride(1), dfinal.stride(2)
+    else:
+        dfin, sfb, sfc, sfk = x, 0, 0, 0
+    _LAUNCHED["bwd_rows"] = _conv_bwd_rows_kernel[(Bsz * n_split, g["n_cblk"])](
+        x, weight, bias if bias is not None else x, init, seq, dy, dfin,
+        dx, part, dinit,
+        L, C, n_split, g["chunk_len"],
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), sib, sic, sik, ssb, ssl,
+        dy.stride(0), dy.stride(1), sfb, sfc, sfk,
+        W=W, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None,
+        SILU=silu, HAS_DFINAL=has_dfinal, BLOCK_C=g["BLOCK_C"], ROWS=g["ROWS"], SUB=g["SUB"],
+        PREFETCH=g["PREFETCH"], FAST_SIGMOID=g["FAST_SIGMOID"], BLOCK_W=_BLOCK_W, num_warps=g["num_warps"])
+    dweight = torch.empty(C, W, device=x.device, dtype=weight.dtype)
+    br, bcr, nwr = _TUNE["bwd_reduce" if x.device.type == "cuda" else "bwd_reduce_interp"]
+    BLOCK_CR = min(bcr, triton.next_power_of_2(max(C, 1)))
+    _conv_bwd_reduce_kernel[(triton.cdiv(C, BLOCK_CR), W + (bias is not None))](
+        part, dweight, dbias, Bsz * n_split, C, dweight.stride(0), dweight.stride(1),
+        W=W, BLOCK_W=_BLOCK_W, BLOCK_R=br, BLOCK_C=BLOCK_CR, num_warps=nwr)
+    return dx, dweight, dbias, dinit
+
+
+def _bwd_tiles_impl(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu):
+    Bsz, L, C = x.shape
+    W = weight.shape[1]
+    x = _rows_unit_stride(x)
+    dy = _rows_unit_stride(dy)
+    bias = bias.contiguous() if bias is not None else None
+    dx, dbias, dinit, done = _bwd_alloc(x, weight, bias, initial_state, dfinal)
+    if done is not None:
+        return done
+    BLOCK_L, BLOCK_C, num_warps = _blocks(L, C, "bwd", x.device)
     n_cblk = triton.cdiv(C, BLOCK_C)
     # split time so that there are ~bwd_per_sm programs per SM; each program loops over its chunk,
     # so the dweight partials are n_split·B·C·W floats (small next to x) instead of one per tile.
@@ -597,6 +946,9 @@ class _CausalConv1dFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, initial_state, seq_idx, silu):
         out = _fwd_impl(x, weight, bias, initial_state, seq_idx, silu)
         _fwd_setup_context(ctx, (x, weight, bias, initial_state, seq_idx, silu), out)
+        # an unused final state arrives as None, not as a zeros tensor (no memset, no d final_state
+        # pass in the backward); an unused y still works (_backward substitutes zeros)
+        ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
