@@ -134,6 +134,10 @@ def test_conv1d_bwd_rows_geometries(monkeypatch, cfg):
     monkeypatch.setitem(kern._TUNE, "bwd_reduce_interp", (4, 32, 4))
     monkeypatch.setitem(kern._TUNE, "bwd_reduce", (4, 32, 4))
     B, L, C, W = 2, (13 if cfg == 0 else 30), 40, 4
+    if _CUDA and _ROWS_CFGS[cfg]["rows"] not in kern._GPU_VERIFIED_ROWS:
+        with pytest.raises(ValueError, match="not verified on the GPU"):     # wrong dx on an H100: refused
+            kern._rows_config(B, L, C, W, torch.device(DEVICE))
+        return
     g = kern._rows_config(B, L, C, W, torch.device(DEVICE))
     assert (g["chunk_len"] + W - 1) % g["ROWS"] == 0, g
     if not _CUDA:

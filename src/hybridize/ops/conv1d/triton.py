@@ -773,12 +773,20 @@ def _bwd_alloc(x, weight, bias, initial_state, dfinal):
 _LAUNCHED = {}
 
 
+_GPU_VERIFIED_ROWS = (4,)
+
+
 def _rows_config(Bsz: int, L: int, C: int, W: int, device) -> dict:
     """Launch geometry of _conv_bwd_rows_kernel: B · n_split · n_cblk programs of num_warps warps,
     ~warps_per_sm warps per SM, each owning `sub` chunks of chunk_len tokens; chunk_len + W-1 (the
     steps of a chunk) is a multiple of `rows` (no idle steps)."""
     cfg = _TUNE["bwd_rows" if device.type == "cuda" else "bwd_rows_interp"]
     num_warps, rows, sub = cfg["num_warps"], cfg["rows"], cfg["sub"]
+    if device.type == "cuda" and rows not in _GPU_VERIFIED_ROWS:
+        # the H100 run of 2026-11-22 (tests + benchmarks/conv_probe.py) computed wrong dx with rows = 1, 2
+        # (right under the interpreter; not localised yet): refuse rather than return wrong gradients
+        raise ValueError(f"conv1d backward: rows={rows} is not verified on the GPU (only {_GPU_VERIFIED_ROWS}); "
+                         "set hybridize.ops.conv1d.triton._TUNE['bwd_rows']['rows'] = 4")
     BLOCK_C = min(cfg["block_c"], max(32 * num_warps, triton.next_power_of_2(max(C, 1))))
     n_cblk = triton.cdiv(C, BLOCK_C)
     want = max(1, round(cfg["warps_per_sm"] * _num_sms(device) / (num_warps * Bsz * n_cblk)))  # per sequence
