@@ -209,6 +209,140 @@ def test_selective_scan_step_custom_op_registration():
                            kw["delta_bias"], True))
 
 
+# Launch variants of the Mamba-1 step (hybridize.ops.selective_scan.triton_step.TUNE): the first kernel
+# ("legacy"), the (rows, channels, states) tile kernel with 1, 2, 4 batch rows per program (small tiles, so
+# there are many channel blocks and partial ones), without the load fence / with other cache hints, and the
+# persistent loop with a grid smaller than the number of tiles (2 programs under the interpreter) so it
+# walks several tiles each.
+_SS_VARIANTS = {
+    "legacy": dict(ss_kern.LEGACY_TUNE),
+    "default": {},
+    "tile_r1": dict(variant="tile", rows=1, tile=64, warps=4),
+    "tile_r2": dict(variant="tile", rows=2, tile=128, warps=4),
+    "tile_r4_hints": dict(variant="tile", rows=4, tile=256, warps=2, fence=False, evict_first=False,
+                          load_cache=".cg", store_cache=".cs"),
+    "persistent": dict(variant="persistent", rows=2, tile=64, warps=4, programs_per_sm=1),
+}
+
+_SS_CASES = [
+    dict(B=1, C=7, N=1, G=None),                                    # N = 1, odd C, one row
+    dict(B=3, C=13, N=16, G=None, z=False),                         # odd C, three rows, no gate
+    dict(B=3, C=20, N=64, G=4, D=False),                            # N = 64, groups straddle blocks
+    dict(B=2, C=24, N=5, G=6, softplus=False, bias=False),          # odd N, groups, raw delta
+    dict(B=4, C=32, N=16, G=None),                                  # whole blocks (unmasked tile path)
+    dict(B=4, C=32, N=16, G=4, z=False, D=False, bias=False),       # groups of whole blocks
+]
+
+
+@pytest.fixture
+def ss_tune():
+    """Set hybridize.ops.selective_scan.triton_step.TUNE for one test; restored afterwards."""
+    saved = dict(ss_kern.TUNE)
+
+    def set_(**kw):
+        ss_kern.TUNE.clear()
+        ss_kern.TUNE.update(saved)
+        ss_kern.TUNE.update(kw)
+    yield set_
+    ss_kern.TUNE.clear()
+    ss_kern.TUNE.update(saved)
+
+
+def _ss_check(case, state_dtype, state=None):
+    case = dict(case)
+    softplus = case.pop("softplus", True)
+    t, kw = _ss_inputs(**case, state_dtype=state_dtype)
+    s_ker = t["state"].clone() if state is None else state
+    s_ref = s_ker.clone()
+    args = (t["u"], t["delta"], t["A"], t["Bm"], t["Cm"])
+    y_ker = ss_kern.selective_scan_step_triton(*args, s_ker, delta_softplus=softplus, **kw)
+    y_ref = ss_ref.selective_scan_step(*args, s_ref, delta_softplus=softplus, **kw)
+    assert s_ker.dtype == state_dtype and y_ker.dtype == t["u"].dtype
+    _close(y_ker, y_ref, state_dtype)
+    _close(s_ker, s_ref, state_dtype)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(_SS_CASES)))
+@pytest.mark.parametrize("variant", list(_SS_VARIANTS))
+def test_selective_scan_step_variants(variant, case, state_dtype, ss_tune):
+    ss_tune(**_SS_VARIANTS[variant])
+    _ss_check(_SS_CASES[case], state_dtype)
+
+
+def test_selective_scan_step_tile_shape():
+    """(BB, BC, BN): rows capped by the batch, channels by C, BN = next_pow2(N) ≥ 2; the even case above
+    really runs unmasked with tile_r2 (B, C, N multiples of BB, BC, BN)."""
+    assert ss_kern.tile_shape(64, 5120, 16, dict(rows=2, tile=2048)) == (2, 64, 16)
+    assert ss_kern.tile_shape(1, 7, 1, dict(rows=4, tile=2048)) == (1, 8, 2)
+    assert ss_kern.tile_shape(3, 40, 64, dict(rows=2, tile=64)) == (2, 1, 64)
+    assert ss_kern.tile_shape(64, 5120, 17, dict(rows=3, tile=4096)) == (4, 32, 32)
+    BB, BC, BN = ss_kern.tile_shape(4, 32, 16, _SS_VARIANTS["tile_r2"])
+    assert 4 % BB == 0 and 32 % BC == 0 and BN == 16
+
+
+@pytest.mark.parametrize("variant", ["legacy", "tile_r2", "persistent"])
+def test_selective_scan_step_strided_state(variant, ss_tune):
+    """A state that is a view of a bigger cache (padded N, one layer of three) is updated in place through
+    its strides and nothing around it changes."""
+    ss_tune(**_SS_VARIANTS[variant])
+    B, C, N = 3, 12, 6
+    big = torch.randn(3, B, C, N + 3, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    before = big.clone()
+    state = big[1, :, :, 1:N + 1]
+    _ss_check(dict(B=B, C=C, N=N, G=None), torch.float32, state=state)
+    mask = torch.ones_like(big, dtype=torch.bool)
+    mask[1, :, :, 1:N + 1] = False
+    assert torch.equal(big[mask], before[mask])
+
+
+@pytest.mark.parametrize("variant", ["tile_r2", "persistent"])
+def test_selective_scan_step_int64_offsets(variant, ss_tune, monkeypatch):
+    """The int64 in-tile offset path (taken for strides past int32) gives the same result."""
+    ss_tune(**_SS_VARIANTS[variant])
+    monkeypatch.setattr(ss_kern, "_I32_MAX", 0)
+    _ss_check(dict(B=3, C=13, N=5, G=None), torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["default", "tile_r4_hints", "persistent"])
+def test_selective_scan_step_fp16_state(variant, ss_tune):
+    ss_tune(**_SS_VARIANTS[variant])
+    t, kw = _ss_inputs(3, 24, 16, 2, state_dtype=torch.float16)
+    s_ker, s_ref = t["state"].clone(), t["state"].clone()
+    args = (t["u"], t["delta"], t["A"], t["Bm"], t["Cm"])
+    y_ker = ss_kern.selective_scan_step_triton(*args, s_ker, delta_softplus=True, **kw)
+    y_ref = ss_ref.selective_scan_step(*args, s_ref, delta_softplus=True, **kw)
+    assert s_ker.dtype == torch.float16
+    torch.testing.assert_close(y_ker.float(), y_ref.float(), rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(s_ker.float(), s_ref.float(), rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("variant", ["default", "persistent"])
+def test_selective_scan_step_many_steps_equal_scan(variant, ss_tune):
+    """L kernel steps reproduce the sequential selective scan (outputs and final state)."""
+    ss_tune(**_SS_VARIANTS[variant])
+    B, L, C, N, G = 2, 5, 12, 8, 3
+    gen = torch.Generator().manual_seed(2)
+    mk = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    u, delta, Bm, Cm, z = mk(B, L, C), mk(B, L, C) * 0.5, mk(B, L, G, N), mk(B, L, G, N), mk(B, L, C)
+    A, D, bias, h0 = -torch.exp(mk(C, N) * 0.5), mk(C), mk(C) * 0.3, mk(B, C, N)
+    kw = dict(D=D, delta_bias=bias, delta_softplus=True)
+    y_ref, final = ss_ref.selective_scan(u, delta, A, Bm, Cm, z=z, initial_state=h0, return_final_state=True,
+                                         **kw)
+    state = h0.clone()
+    ys = [ss_kern.selective_scan_step_triton(u[:, t], delta[:, t], A, Bm[:, t], Cm[:, t], state, z=z[:, t],
+                                             **kw) for t in range(L)]
+    _close(torch.stack(ys, 1), y_ref, scale=4)
+    _close(state, final, scale=4)
+
+
+def test_selective_scan_step_unknown_variant(ss_tune):
+    ss_tune(variant="nope")
+    t, kw = _ss_inputs(1, 4, 2, None)
+    with pytest.raises(ValueError, match="variant"):
+        ss_kern.selective_scan_step_triton(t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["state"], **kw)
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 # Real decode shapes: the kernel on its native dtypes against the fp32 reference run on the same (rounded)
 # inputs and an fp32 copy of the same state. Expected differences:
@@ -279,6 +413,28 @@ def test_gpu_selective_scan_step_real_shape(case, dtype, state_dtype):
     assert y.dtype == dtype and state.dtype == state_dtype
     _assert_real("y", y, y_ref, dtype != torch.float32)
     _assert_real("state", state, s_ref, state_dtype != torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", list(_SS_VARIANTS))
+def test_gpu_selective_scan_step_variants_real_shape(variant, state_dtype, ss_tune):
+    """Every launch variant at the Mamba-1 2.8B decode shape (batch 64, d_inner 5120, N 16; bf16
+    activations) and the grouped N = 64 layout, against the fp32 reference."""
+    ss_tune(**{**_SS_VARIANTS[variant], **({"tile": 2048} if variant != "default" else {}),
+               **({"programs_per_sm": 4} if variant == "persistent" else {})})
+    for shape in (dict(B=64, C=5120, N=16, G=None), _SS_REAL["mil_2048_n64"]):
+        t, kw = _ss_inputs(**shape, state_dtype=state_dtype)
+        t = {k: (v.to(torch.bfloat16) if k in ("u", "delta", "Bm", "Cm") else v) for k, v in t.items()}
+        kw = {k: (v.to(torch.bfloat16) if k == "z" else v) for k, v in kw.items()}
+        args = (t["u"], t["delta"], t["A"], t["Bm"], t["Cm"])
+        state = t["state"].clone()
+        y = ss_kern.selective_scan_step_triton(*args, state, delta_softplus=True, **kw)
+        s_ref = t["state"].float()
+        kw32 = {k: (v.float() if v is not None else None) for k, v in kw.items()}
+        y_ref = ss_ref.selective_scan_step(*(a.float() for a in args), s_ref, delta_softplus=True, **kw32)
+        _assert_real("y", y, y_ref, True)
+        _assert_real("state", state, s_ref, state_dtype != torch.float32)
 
 
 _MANY_STEPS = (8, 64, 80, 1, 64, 128)          # B, L, H, G, P, N

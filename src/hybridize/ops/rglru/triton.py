@@ -725,10 +725,13 @@ def _rglru_bwd_lb_kernel(a_ptr, h_ptr, init_ptr, reset_ptr, dh_ptr, dfin_ptr, dx
 #   (a copy: 2.9 TB/s); at 1·2048·2560 (160 programs) BLOCK_T = 256 gave 0.93 / 1.14 TB/s. Its
 #   two-pass chunking (x, a read twice) was slower at both sizes, so it is only used when there are
 #   fewer than chunk_below_per_sm · SMs programs (tiny B·C), aiming at ~2 programs per SM.
+# Defaults from the H100 probe of 2026-11-22 (benchmarks/results/rglru_probe_h100.json; bf16, C = 2560,
+# 16384 tokens a call): forward = "rows_t8c64x8w1" (best worst-case over L = 512 … 16k: 2.25 × floor),
+# backward = "lb_t64c32w2" (fwd+bwd ≤ 1.88 × floor at every L).
 _TUNE = {"fwd_path": "lookback", "bwd_path": "lookback",
-         "lb_fwd": {"block_t": 64, "block_c": 64, "tiles": 1, "rows": False, "window": 8, "num_warps": 4,
-                    "stages": 1, "ticket": True},
-         "lb_bwd": {"block_t": 64, "block_c": 64, "tiles": 1, "rows": False, "window": 8, "num_warps": 4,
+         "lb_fwd": {"block_t": 8, "block_c": 64, "tiles": 8, "rows": True, "window": 2, "num_warps": 1,
+                    "stages": 2, "ticket": True},
+         "lb_bwd": {"block_t": 64, "block_c": 32, "tiles": 1, "rows": False, "window": 8, "num_warps": 2,
                     "stages": 1, "ticket": True, "hp_early": False},
          "block_t": 128, "block_t_small": 256, "block_c": 16, "num_warps": 4, "stages": 2,
          "chunk_below_per_sm": 0.5, "min_chunk": 256, "force_chunks": None}
