@@ -245,7 +245,7 @@ class Attention(FusedProjections, Mixer):
         a full-attention cache that does not wrap, or a ring of ``window + T - 1`` slots or more (see
         `hybridize.generate.cache_ops.alloc_cache`'s ``window_slack``).
 
-        Where the Triton decode kernel applies (CUDA, `decode_kernel_ok`; T <= C): one fused op
+        Where the Triton decode kernel applies (CUDA, `decode_kernel_ok`; T <= C) at batch 1: one fused op
         (``hybridize::decode_attention_fused``, `decode_attention_fused`) takes the raw projections and
         does RoPE of q and k, the cache writes, a split-K (flash-decoding) attention that reads only the
         slots holding tokens and ``lengths += T`` in one or two launches (at batch-1 decode each separate
@@ -257,7 +257,9 @@ class Attention(FusedProjections, Mixer):
         n0 = state.lengths
         C = state.capacity
         q, k, v = self._qkv_heads(x, norm)                                # (B, T, H|Hkv, P), before RoPE
-        if T <= C and n0.dtype == torch.long and n0.is_contiguous() and \
+        # batch 1 only: on the H100 the fused op saves ~1 µs a layer there, but at batch 64 / 8k context it
+        # was slower than the separate kernels (6 331 vs 7 713 tokens/s, benchmarks/results/decode_fused_all_h100.json)
+        if B == 1 and T <= C and n0.dtype == torch.long and n0.is_contiguous() and \
                 decode_fused_ok(q, state.k, self.n_rep, self.rotary.rot_dim, self.rotary.interleaved):
             rot = self.rotary
             out = decode_attention_fused(q, k, v, rot.inv_freq, state.k, state.v, n0, self.window or 0,
