@@ -270,6 +270,7 @@ def test_step_tokens_fused_equals_unfused_paths(rope, dtype, monkeypatch):
     calls = []
     real = kern._decode_attention_fused_impl
     monkeypatch.setattr(kern, "_decode_attention_fused_impl", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attn_mod, "FUSED_DECODE_MAX_BATCH", B)   # the layer path at batch > 1 too
     outs = {}
     for path in ("fused", "unfused_kernel", "sdpa"):
         monkeypatch.setenv("HYBRIDIZE_KERNELS", "0" if path == "sdpa" else "1")

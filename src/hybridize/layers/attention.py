@@ -57,6 +57,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor], scale: flo
     return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), scale=scale, **kw)
 
 
+#: the fused decode-attention op serves batches up to this size: on the H100 it saves ~1 µs a layer at
+#: batch 1, but at batch 64 / 8k context it was slower than the separate kernels (6 331 vs 7 713 tokens/s
+#: for the 1.2 B Transformer, benchmarks/results/decode_fused_all_h100.json)
+FUSED_DECODE_MAX_BATCH = 1
+
+
 @dataclass
 class KVCache(MixerState):
     """Attention state. ``k, v: (B, Hkv, C, P)`` (keys already rotated); ``lengths: (B,)`` int64 — tokens
@@ -257,9 +263,7 @@ class Attention(FusedProjections, Mixer):
         n0 = state.lengths
         C = state.capacity
         q, k, v = self._qkv_heads(x, norm)                                # (B, T, H|Hkv, P), before RoPE
-        # batch 1 only: on the H100 the fused op saves ~1 µs a layer there, but at batch 64 / 8k context it
-        # was slower than the separate kernels (6 331 vs 7 713 tokens/s, benchmarks/results/decode_fused_all_h100.json)
-        if B == 1 and T <= C and n0.dtype == torch.long and n0.is_contiguous() and \
+        if B <= FUSED_DECODE_MAX_BATCH and T <= C and n0.dtype == torch.long and n0.is_contiguous() and \
                 decode_fused_ok(q, state.k, self.n_rep, self.rotary.rot_dim, self.rotary.interleaved):
             rot = self.rotary
             out = decode_attention_fused(q, k, v, rot.inv_freq, state.k, state.v, n0, self.window or 0,
