@@ -798,13 +798,18 @@ def _rows_config(Bsz: int, L: int, C: int, W: int, device) -> dict:
                 chunk_len=chunk, n_split=triton.cdiv(L, sub * chunk))
 
 
+def _bwd_prepare(x, weight, bias, initial_state, dy, dfinal):
+    """Both backward paths' common start: unit channel strides, a contiguous bias, and `_bwd_alloc`'s
+    gradient buffers (or its early result for empty shapes)."""
+    x, dy = _rows_unit_stride(x), _rows_unit_stride(dy)
+    bias = bias.contiguous() if bias is not None else None
+    return x, dy, bias, _bwd_alloc(x, weight, bias, initial_state, dfinal)
+
+
 def _bwd_rows_impl(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu):
     Bsz, L, C = x.shape
     W = weight.shape[1]
-    x = _rows_unit_stride(x)
-    dy = _rows_unit_stride(dy)
-    bias = bias.contiguous() if bias is not None else None
-    dx, dbias, dinit, done = _bwd_alloc(x, weight, bias, initial_state, dfinal)
+    x, dy, bias, (dx, dbias, dinit, done) = _bwd_prepare(x, weight, bias, initial_state, dy, dfinal)
     if done is not None:
         return done
     g = _rows_config(Bsz, L, C, W, x.device)
@@ -838,10 +843,7 @@ def _bwd_rows_impl(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu):
 def _bwd_tiles_impl(x, weight, bias, initial_state, seq_idx, dy, dfinal, silu):
     Bsz, L, C = x.shape
     W = weight.shape[1]
-    x = _rows_unit_stride(x)
-    dy = _rows_unit_stride(dy)
-    bias = bias.contiguous() if bias is not None else None
-    dx, dbias, dinit, done = _bwd_alloc(x, weight, bias, initial_state, dfinal)
+    x, dy, bias, (dx, dbias, dinit, done) = _bwd_prepare(x, weight, bias, initial_state, dy, dfinal)
     if done is not None:
         return done
     BLOCK_L, BLOCK_C, num_warps = _blocks(L, C, "bwd", x.device)

@@ -330,6 +330,25 @@ def _lookback(ws_ptr, row0, k, cmask, BLOCK_C: tl.constexpr, WINDOW: tl.constexp
 
 
 @triton.jit
+def _chain_chunk(ws_ptr, row0, k, n_chunks, cc, cmask, p, s, carry, BLOCK_C: tl.constexpr,
+                 WINDOW: tl.constexpr, LOOKBACK: tl.constexpr, INCL_EVERY: tl.constexpr):
+    """Chunk k of a look-back row (slots row0 …): publish its map (p, s), take the carry-in from the
+    predecessors (k > 0; chunk 0 keeps `carry`), publish its inclusive end value p · carry + s for the
+    successors. Returns (carry-in, end value). Shared by the forward and backward kernels."""
+    if LOOKBACK:
+        if k > 0:
+            if k < n_chunks - 1:
+                _publish(ws_ptr, row0 + k, cc, cmask, p, s, BLOCK_C)
+            carry = _lookback(ws_ptr, row0, k, cmask, BLOCK_C, WINDOW)
+    end = p * carry + s
+    if LOOKBACK:
+        if k < n_chunks - 1:
+            if k % INCL_EVERY == 0:  # INCL_EVERY > 1 (tests): successors must walk aggregates
+                _publish(ws_ptr, row0 + k, cc, cmask, tl.zeros_like(p), end, BLOCK_C)
+    return carry, end
+
+
+@triton.jit
 def _steps(t, cmask):
     # t (a scalar step) as a (BLOCK_C,) vector: masks built from it are full vectors (the interpreter
     # cannot splat a scalar bool)
@@ -463,17 +482,8 @@ def _rglru_fwd_lb_kernel(x_ptr, a_ptr, init_ptr, reset_ptr, h_ptr, fin_ptr, ws_p
         carry = tl.load(init_ptr + b * sib + c, mask=cmask, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    row0 = col * n_chunks
-    if LOOKBACK:
-        if k > 0:
-            if k < n_chunks - 1:
-                _publish(ws_ptr, row0 + k, cc, cmask, p, s, BLOCK_C)
-            carry = _lookback(ws_ptr, row0, k, cmask, BLOCK_C, WINDOW)
-    h_end = p * carry + s
-    if LOOKBACK:
-        if k < n_chunks - 1:
-            if k % INCL_EVERY == 0:  # INCL_EVERY > 1 (tests): successors must walk aggregates
-                _publish(ws_ptr, row0 + k, cc, cmask, tl.zeros_like(p), h_end, BLOCK_C)
+    carry, h_end = _chain_chunk(ws_ptr, col * n_chunks, k, n_chunks, cc, cmask, p, s, carry, BLOCK_C, WINDOW,
+                                LOOKBACK, INCL_EVERY)
     if k == n_chunks - 1:
         tl.store(fin_ptr + b * C + c, h_end, mask=cmask)  # fp32, allocated contiguous (B, C)
     # 3) h
@@ -657,17 +667,8 @@ def _rglru_bwd_lb_kernel(a_ptr, h_ptr, init_ptr, reset_ptr, dh_ptr, dfin_ptr, dx
         carry = tl.load(dfin_ptr + b * sfb + c, mask=cmask, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    row0 = col * n_chunks
-    if LOOKBACK:
-        if k > 0:
-            if k < n_chunks - 1:
-                _publish(ws_ptr, row0 + k, cc, cmask, p, s, BLOCK_C)
-            carry = _lookback(ws_ptr, row0, k, cmask, BLOCK_C, WINDOW)
-    g_start = p * carry + s
-    if LOOKBACK:
-        if k < n_chunks - 1:
-            if k % INCL_EVERY == 0:  # INCL_EVERY > 1 (tests): successors must walk aggregates
-                _publish(ws_ptr, row0 + k, cc, cmask, tl.zeros_like(p), g_start, BLOCK_C)
+    carry, g_start = _chain_chunk(ws_ptr, col * n_chunks, k, n_chunks, cc, cmask, p, s, carry, BLOCK_C, WINDOW,
+                                  LOOKBACK, INCL_EVERY)
     if HAS_INIT:
         if k == n_chunks - 1:
             # d h_{-1} = a'_0 · g_0 (L >= 1 is guaranteed by the launcher)
