@@ -12,6 +12,7 @@ from torch import Tensor
 
 from hybridize.ops._dispatch import use_kernels
 from hybridize.ops.attention.reference import decode_attention_reference
+from hybridize.ops.pdl import pdl_launch
 
 # Split-K ("flash-decoding") attention of a few query tokens per row against a KV cache. Grid: (batch ×
 # kv head × query-row block, split); split s reads slots [s·S, (s+1)·S) ∩ [0, min(C, lengths + T)), so
@@ -58,7 +59,10 @@ def _build_kernels():
                       sqb, sqh, sqt, sqp, skb, skh, skc, skp, svb, svh, svc, svp,
                       Hkv, C, T, G, R, P, S, RB, slots_per_split, window, qk_scale,
                       HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr = 0):
+        if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0).to(tl.int64)       # ((b · Hkv) + j) · RB + rb; int64 offsets throughout
         sid = tl.program_id(1).to(tl.int64)
         rb = pid % RB
@@ -117,7 +121,11 @@ def _build_kernels():
 
     @triton.jit
     def _merge_kernel(Mo, Lo, Ao, Out, N0, sob, sot, soh, sop, Hkv, G, R, P, S, RB, T,
-                      INC_LENGTHS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+                      INC_LENGTHS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr = 0):
+        if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0).to(tl.int64)
         rb = pid % RB
         bj = pid // RB
@@ -203,7 +211,10 @@ def _build_kernels():
                             HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr,
                             INTERLEAVED: tl.constexpr, PRECISE: tl.constexpr, SINGLE: tl.constexpr,
                             ONE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+                            BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = 0):
+        if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0).to(tl.int64)       # ((b · Hkv) + j) · RB + rb; int64 offsets throughout
         sid = tl.program_id(1).to(tl.int64)
         rb = pid % RB
@@ -395,9 +406,10 @@ def _decode_attention_impl(q: Tensor, k: Tensor, v: Tensor, n0: Tensor, window: 
         q, k, v, n0, Mo, Lo, Ao, *q.stride(), *k.stride(), *v.stride(),
         Hkv, C, T, G, R, P, S, RB, blocks_per_split * BLOCK_N, int(window), float(scale) * 1.4426950408889634,
         HAS_WINDOW=window > 0, IEEE=_ieee(q.dtype), BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, **pdl_launch(q.device))
     merge_kernel[(programs,)](Mo, Lo, Ao, out, n0, *out.stride(), Hkv, G, R, P, S, RB, T,
-                              INC_LENGTHS=False, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, num_warps=4)
+                              INC_LENGTHS=False, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, num_warps=4,
+                              **pdl_launch(q.device))
     return out
 
 
@@ -486,10 +498,11 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         HAS_WINDOW=window > 0, IEEE=_ieee(q.dtype), ROPE=half > 0, INTERLEAVED=bool(interleaved),
         PRECISE=os.environ.get("TRITON_INTERPRET") != "1", SINGLE=single, ONE=T == 1,
         BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)),
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, **pdl_launch(q.device))
     if not single:
         merge_kernel[(programs,)](Mo, Lo, Ao, out, lengths, *out.stride(), Hkv, G, R, P, S, RB, T,
-                                  INC_LENGTHS=True, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, num_warps=4)
+                                  INC_LENGTHS=True, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, num_warps=4,
+                                  **pdl_launch(q.device))
     return out
 
 

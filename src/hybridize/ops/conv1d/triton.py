@@ -59,6 +59,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridize.ops.pdl import pdl_launch
+
 _MAX_W = 4          # widths 1..4 (BLOCK_W below pads the tap axis to 4)
 _BLOCK_W = 4
 
@@ -613,7 +615,10 @@ def _conv_bwd_reduce_kernel(part_ptr, dw_ptr, db_ptr, n_rows, C, sdwc, sdwk,
 def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, C,
                         sxb, ssb, ssc, ssk, swc, swk, syb,
                         W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        BLOCK_C: tl.constexpr, PDL: tl.constexpr = 0):
+    if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -892,7 +897,7 @@ def _update_impl(x, conv_state, weight, bias, silu):
         x, conv_state, weight, bias if bias is not None else x, y, C,
         x.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         weight.stride(0), weight.stride(1), y.stride(0),
-        W=W, HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=BLOCK_C, num_warps=4)
+        W=W, HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=BLOCK_C, num_warps=4, **pdl_launch(x.device))
     return y
 
 

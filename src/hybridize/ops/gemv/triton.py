@@ -11,11 +11,14 @@ device (`tune`), and the kernel is used only for the shapes where it won.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from hybridize.ops.pdl import pdl_launch
 
 _KERNEL = None
 
@@ -25,12 +28,18 @@ def _build():
     import triton.language as tl
 
     @triton.jit
+    def _prefetch_l2(ptrs):
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
                      Add, Hout, Gate, NormW, Res, eps, norm_offset,
                      HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                      HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
                      NORM_GROUP: tl.constexpr, GLU: tl.constexpr,
-                     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64):
         # Optional prologue on the input row (every program sees all of K, so each can do it alone):
         #   h = round(x + add) (program 0 writes h: the residual stream), h *= silu(gate),
         #   rmsnorm: h *= (norm_offset + normw) and rstd = rsqrt(mean(h²) + eps), a scalar applied to the
@@ -45,6 +54,15 @@ def _build():
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if PDL:     # see hybridize.ops.pdl; W is not written by earlier kernels of the step: prefetch it
+            if PREFETCH > 0:   # first PREFETCH elements of each row, one L2 prefetch per LINE elements
+                pk = tl.minimum(tl.arange(0, PREFETCH // LINE) * LINE, K - 1)
+                prow = tl.minimum(rn, N - 1).to(tl.int64)
+                _prefetch_l2(W + prow[:, None] * stride_wn + pk[None, :])
+                if GLU != 0:
+                    _prefetch_l2(W + (prow + N)[:, None] * stride_wn + pk[None, :])
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             kmask = kk < K
@@ -135,6 +153,20 @@ def _clip(cfg: GemvConfig, N: int, K: int) -> GemvConfig:
     return GemvConfig(bn, bk, cfg.num_warps, cfg.num_stages)
 
 
+def _pdl_args(device, N: int, K: int, block_k: int, elem_bytes: int) -> dict:
+    """PDL launch keywords (hybridize.ops.pdl) plus the L2 prefetch of each row's first elements before the
+    wait (HYBRIDIZE_PDL_PREFETCH elements, default one K tile; 0: none)."""
+    args = pdl_launch(device)
+    if args["PDL"] and N > 0:
+        want = int(os.environ.get("HYBRIDIZE_PDL_PREFETCH", block_k))
+        line = max(1, 128 // elem_bytes)
+        k_pow2 = 1 << max(0, (K - 1).bit_length())
+        n = min(1 << max(0, (max(want, 1) - 1).bit_length()), k_pow2)
+        if want > 0 and n >= line:
+            args.update(PREFETCH=n, LINE=line)
+    return args
+
+
 def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 config: Optional[GemvConfig] = None, *, add: Optional[Tensor] = None,
                 gate: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, eps: float = 0.0,
@@ -186,5 +218,6 @@ def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             HAS_ADD=add is not None, HAS_GATE=gate is not None, NORM=norm_weight is not None,
             NORM_GROUP=norm_group,
             GLU=GLU_CODES[glu] if glu is not None else 0, HAS_RES=residual is not None,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_pdl_args(x.device, N, K, cfg.block_k, weight.element_size()))
     return (y, h) if add is not None else y

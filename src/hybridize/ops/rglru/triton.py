@@ -77,6 +77,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridize.ops.pdl import pdl_launch
+
 
 @triton.jit
 def _lin_combine(a1, x1, a2, x2):
@@ -250,7 +252,11 @@ def _rglru_bwd_kernel(a_ptr, h_ptr, init_ptr, reset_ptr, dh_ptr, carry_ptr, dx_p
 
 
 @triton.jit
-def _rglru_step_kernel(x_ptr, a_ptr, s_ptr, h_ptr, C, sxb, sab, ssb, ssc, shb, BLOCK_C: tl.constexpr):
+def _rglru_step_kernel(x_ptr, a_ptr, s_ptr, h_ptr, C, sxb, sab, ssb, ssc, shb, BLOCK_C: tl.constexpr,
+                       PDL: tl.constexpr = 0):
+    if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -944,7 +950,7 @@ def _step_impl(x: Tensor, a: Tensor, state: Tensor) -> Tensor:
     BLOCK_C = min(1024, triton.next_power_of_2(max(C, 1)))
     _rglru_step_kernel[(Bsz, triton.cdiv(C, BLOCK_C))](
         x, a, state, h, C, x.stride(0), a.stride(0), state.stride(0), state.stride(1), h.stride(0),
-        BLOCK_C=BLOCK_C, num_warps=4)
+        BLOCK_C=BLOCK_C, num_warps=4, **pdl_launch(x.device))
     return h
 
 

@@ -63,6 +63,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridize.ops.pdl import pdl_launch
+
 #: Launch knobs, read at every call (see the module docstring). ``variant``: "tile" | "persistent" |
 #: "legacy" (the first kernel; uses only ``tile`` and ``warps``). Defaults: the fastest of the H100 probe of
 #: 2026-11-22 for fp32 and bf16 states (benchmarks/results/mamba1_step_probe_h100.json: batch 64, C = 5120,
@@ -90,7 +92,10 @@ def _ss_step_kernel(u_ptr, d_ptr, A_ptr, B_ptr, C_ptr, s_ptr, D_ptr, z_ptr, bias
                     C, N, n_cblk, ch_per_group,
                     sub, sdb, sAc, sAn, sBb, sBg, sCb, sCg, ssb, ssc, ssn, szb, syb,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SOFTPLUS: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
+                    SOFTPLUS: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr = 0):
+    if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     b = (pid // n_cblk).to(tl.int64)
     c = (pid % n_cblk) * BC + tl.arange(0, BC)
@@ -244,10 +249,13 @@ def _ss_tile_kernel(u_ptr, d_ptr, A_ptr, B_ptr, C_ptr, s_ptr, D_ptr, z_ptr, bias
                     I64: tl.constexpr, PERSISTENT: tl.constexpr, FENCE: tl.constexpr,
                     LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr,
                     LOAD_CACHE: tl.constexpr, STORE_CACHE: tl.constexpr,
-                    BB: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr):
+                    BB: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr = 0):
     """Tile t = (row block t // n_cblk, channel block t % n_cblk). Not PERSISTENT: program t does tile t
     (grid = n_tiles). PERSISTENT: program p does tiles p, p + P, p + 2P, … (P = grid size ≤ n_tiles),
     loading tile t + P's state before updating / storing tile t's."""
+    if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     if PERSISTENT:
         npg = tl.num_programs(0)
@@ -337,7 +345,8 @@ def _step_impl(u, delta, A, Bm, Cm, state, D, z, delta_bias, delta_softplus):
         _ss_step_kernel[(Bsz * n_cblk,)](
             *ptrs, C, N, n_cblk, C // G,
             u.stride(0), delta.stride(0), A.stride(0), A.stride(1), Bm.stride(0), sBg, Cm.stride(0), sCg,
-            *state.stride(), szb, y.stride(0), **flags, BC=BC, BN=BN, num_warps=int(tune["warps"]))
+            *state.stride(), szb, y.stride(0), **flags, BC=BC, BN=BN, num_warps=int(tune["warps"]),
+            **pdl_launch(u.device))
         return y
     if variant not in ("tile", "persistent"):
         raise ValueError(f"selective_scan_step: unknown TUNE['variant'] {variant!r}")
@@ -365,7 +374,7 @@ def _step_impl(u, delta, A, Bm, Cm, state, D, z, delta_bias, delta_softplus):
         I64=span > _I32_MAX, PERSISTENT=persistent, FENCE=bool(tune.get("fence", True)),
         LOAD_EVICT="" if load_cache else evict, STORE_EVICT="" if store_cache else evict,
         LOAD_CACHE=load_cache, STORE_CACHE=store_cache,
-        BB=BB, BC=BC, BN=BN, num_warps=int(tune["warps"]), num_stages=1)
+        BB=BB, BC=BC, BN=BN, num_warps=int(tune["warps"]), num_stages=1, **pdl_launch(u.device))
     return y
 
 

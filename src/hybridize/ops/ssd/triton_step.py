@@ -45,6 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridize.ops.pdl import pdl_launch
+
 TUNE = {
     "step_tile_bytes": 16384,     # state bytes per program: BP = tile / (next_pow2(N) · element size)
     "step_warps": None,           # None: one warp per 1024 state elements of the tile (32 per thread)
@@ -112,8 +114,11 @@ def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, s_ptr, D_ptr, z_ptr, bi
                      szb, szh, slb, slh, syb, syh, sDh, dt_min, dt_max,
                      HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG_DECAY: tl.constexpr,
-                     EVICT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+                     EVICT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr = 0):
     """One token for the (BP, N) state block (b, h, P-block); state updated in place."""
+    if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     pb = pid % n_pblk
     bh = pid // n_pblk
@@ -322,7 +327,7 @@ def _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, d
         *_st(z, 2), *_st(log_decay, 2), *_st(y, 2), sDh, float(dt_min), float(dt_max),
         HAS_D=D is not None, D_PER_P=d_per_p, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), LOG_DECAY=log_decay is not None, EVICT=bool(TUNE["evict_first"]),
-        BP=BP, BN=BN, num_warps=_warps(BP, BN, TUNE["step_warps"]))
+        BP=BP, BN=BN, num_warps=_warps(BP, BN, TUNE["step_warps"]), **pdl_launch(x.device))
     return y
 
 
