@@ -43,6 +43,8 @@ _KERNEL_MAX_ROWS = 64            # query rows (T · n_rep) per program; more →
 # is latency-bound (8 kv heads → 8 programs): a merge launch (~1 µs) costs more than reading a few more
 # blocks in one program (the loads are pipelined; unfilled slots are not read at all).
 _SINGLE_SPLIT_MAX_BLOCKS = 4
+#: launch parameters of the fused split kernel (benchmarks/attn_decode_probe.py sweeps them)
+FUSED_TUNE = dict(warps=4, stages=2)
 
 
 def _next_pow2(n: int) -> int:
@@ -474,7 +476,8 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         raise ValueError("decode_attention_fused: lengths must be a contiguous int64 tensor (advanced in "
                          "place)")
     BLOCK_R, RB, BLOCK_P, BLOCK_N, S, blocks_per_split = _tiles(B, Hkv, R, C, P, q.device,
-                                                                 _SINGLE_SPLIT_MAX_BLOCKS)
+                                                                 FUSED_TUNE.get("single_max_blocks",
+                                                                                _SINGLE_SPLIT_MAX_BLOCKS))
     programs = B * Hkv * RB
     counters = _row_counters(q.device, B) if S == 1 else None
     single = counters is not None
@@ -496,9 +499,9 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         Hkv, C, T, G, R, P, S, RB, half, blocks_per_split * BLOCK_N, int(window),
         float(scale) * 1.4426950408889634, float(rope_scale),
         HAS_WINDOW=window > 0, IEEE=_ieee(q.dtype), ROPE=half > 0, INTERLEAVED=bool(interleaved),
-        PRECISE=os.environ.get("TRITON_INTERPRET") != "1", SINGLE=single, ONE=T == 1,
-        BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)),
-        num_warps=4, num_stages=2, **pdl_launch(q.device))
+        PRECISE=os.environ.get("TRITON_INTERPRET") != "1" and FUSED_TUNE.get("precise", True), SINGLE=single,
+        ONE=T == 1, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
+        BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)), num_warps=FUSED_TUNE["warps"], num_stages=FUSED_TUNE["stages"], **pdl_launch(q.device))
     if not single:
         merge_kernel[(programs,)](Mo, Lo, Ao, out, lengths, *out.stride(), Hkv, G, R, P, S, RB, T,
                                   INC_LENGTHS=True, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, num_warps=4,

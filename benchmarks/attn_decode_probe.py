@@ -1,0 +1,115 @@
+"""Probe of the fused batch-1 decode attention op (``hybridize.ops.attention.triton_decode``): where its
+~8 µs per layer go. 16 layers' calls (distinct caches: a 1.2 B Llama's H = 32, Hkv = 8, head_dim 64, bf16)
+are replayed from one CUDA graph (lengths reset by one copy at the graph's start), per variant of the
+launch (`FUSED_TUNE`: warps, stages, precise cos/sin, split threshold), PDL on / off, RoPE off, and
+against a chain of 16 trivial Triton kernels (the per-launch floor) and the same copy alone.
+
+    source benchmarks/gpu_env.sh && python3 benchmarks/attn_decode_probe.py --json-out $OUT/attn_probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridize.bench.utils import write_json
+from hybridize.ops.attention import triton_decode as td
+
+
+@triton.jit
+def _touch(X, n):
+    i = tl.arange(0, 64)
+    tl.store(X + i, tl.load(X + i, mask=i < n, other=0.0) + 1.0, mask=i < n)
+
+
+def _graph_us(fn, reps):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(reps):
+            g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / reps)
+    return sorted(times)[2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--lengths", default="64,200,1000,8192")
+    ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args(argv)
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    Lx, H, Hkv, P = args.layers, 32, 8, 64
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, P, 2, device=dev).float() / P))
+    out = dict(command="python3 benchmarks/attn_decode_probe.py " + " ".join(argv or []),
+               device=torch.cuda.get_device_name(), layers=Lx, rows=[])
+    scratch = torch.zeros(Lx, 64, device=dev)
+    floor = _graph_us(lambda: [_touch[(1,)](scratch[i], 64) for i in range(Lx)], args.reps)
+    out["trivial_chain_us"] = floor
+    print("16 trivial kernels:", floor, flush=True)
+    variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("no rope", {}, "1"), ("fast cos", dict(precise=False), "1"),
+                ("warps 1", dict(warps=1), "1"), ("warps 2", dict(warps=2), "1"), ("warps 8", dict(warps=8), "1"),
+                ("stages 1", dict(stages=1), "1"), ("stages 3", dict(stages=3), "1"),
+                ("split+merge", dict(single_max_blocks=0), "1"), ("single <= 16 blocks", dict(single_max_blocks=16), "1")]
+    for n in [int(v) for v in args.lengths.split(",")]:
+        C = max(128, n + 64)
+        q = torch.randn(Lx, 1, 1, H, P, device=dev, dtype=bf)
+        k = torch.randn(Lx, 1, 1, Hkv, P, device=dev, dtype=bf)
+        v = torch.randn_like(k)
+        kc = torch.randn(Lx, 1, Hkv, C, P, device=dev, dtype=bf)
+        vc = torch.randn_like(kc)
+        lens = torch.full((Lx,), n, device=dev, dtype=torch.int64)
+        init = lens.clone()
+        reset = lambda: lens.copy_(init)  # noqa: E731
+        copy_us = _graph_us(reset, args.reps)
+        for name, tune, pdl in variants:
+            saved = dict(td.FUSED_TUNE)
+            td.FUSED_TUNE.update(tune)
+            os.environ["HYBRIDIZE_PDL"] = pdl
+            f = inv_freq if name != "no rope" else inv_freq[:0]
+
+            def step():
+                reset()
+                for i in range(Lx):
+                    td._decode_attention_fused_impl(q[i], k[i], v[i], f, kc[i], vc[i], lens[i:i + 1], 0, P ** -0.5,
+                                                    1.0, False)
+            try:
+                us = _graph_us(step, args.reps)
+                rec = dict(length=n, capacity=C, variant=name, us_per_layer=(us - copy_us) / Lx, chain_us=us,
+                           copy_us=copy_us)
+            except Exception as e:  # noqa: BLE001 - recorded, not fatal
+                rec = dict(length=n, variant=name, error=f"{type(e).__name__}: {e}"[:1500])
+            finally:
+                td.FUSED_TUNE.clear()
+                td.FUSED_TUNE.update(saved)
+                os.environ.pop("HYBRIDIZE_PDL", None)
+            print(rec, flush=True)
+            out["rows"].append(rec)
+    out["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    if args.json_out:
+        write_json(out, args.json_out)
+
+
+if __name__ == "__main__":
+    main()
