@@ -55,7 +55,7 @@ def _graph_us(fn, reps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--lengths", default="64,200,1000,8192")
+    ap.add_argument("--lengths", default="64,1000,4096,8192")
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
@@ -68,10 +68,13 @@ def main(argv=None):
     floor = _graph_us(lambda: [_touch[(1,)](scratch[i], 64) for i in range(Lx)], args.reps)
     out["trivial_chain_us"] = floor
     print("16 trivial kernels:", floor, flush=True)
-    variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("no rope", {}, "1"), ("fast cos", dict(precise=False), "1"),
-                ("warps 1", dict(warps=1), "1"), ("warps 2", dict(warps=2), "1"), ("warps 8", dict(warps=8), "1"),
-                ("stages 1", dict(stages=1), "1"), ("stages 3", dict(stages=3), "1"),
-                ("split+merge", dict(single_max_blocks=0), "1"), ("single <= 16 blocks", dict(single_max_blocks=16), "1")]
+    variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("no rope", {}, "1"),
+                ("single warps 4", dict(single_warps=4), "1"), ("single warps 16", dict(single_warps=16), "1"),
+                ("split warps 8", dict(warps=8), "1"), ("stages 1", dict(stages=1), "1"),
+                ("merge bs 1", dict(merge_bs=1), "1"), ("merge bs 4", dict(merge_bs=4), "1"),
+                ("merge bs 16", dict(merge_bs=16), "1"), ("merge warps 8", dict(merge_warps=8), "1"),
+                ("fill 1", dict(fill=1), "1"), ("fill 2", dict(fill=2), "1"), ("fill 8", dict(fill=8), "1"),
+                ("split+merge", dict(single_max_blocks=0), "1")]
     for n in [int(v) for v in args.lengths.split(",")]:
         C = max(128, n + 64)
         q = torch.randn(Lx, 1, 1, H, P, device=dev, dtype=bf)

@@ -192,6 +192,18 @@ def test_fused_decode_matches_unfused_reference(name, dtype, monkeypatch):
         assert not kern._COUNTERS[str(torch.device(DEVICE))].any(), "row counters must be reset to 0"
 
 
+@pytest.mark.parametrize("merge_bs", [1, 2, 16])
+@pytest.mark.parametrize("name", ["multi_T1_mqa_p64", "multi_T3_ring_wrap"])
+def test_fused_decode_merge_chunks(name, merge_bs, monkeypatch):
+    """The merge combines BLOCK_S splits per iteration (a partial last chunk, one chunk, one at a time)."""
+    monkeypatch.setitem(kern.FUSED_TUNE, "merge_bs", merge_bs)
+    c, got, want = _run_fused(FUSED_CASES[name], torch.float32, monkeypatch)
+    S = kern._tiles(c["B"], c["Hkv"], c["T"] * c["H"] // c["Hkv"], c["C"], c["P"], torch.device(DEVICE), 0)[4]
+    assert S > 2 and S % 2, S                 # several splits, and chunks of 2 leave a partial one
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[3], want[3])
+
+
 def test_fused_decode_single_split_without_counters(monkeypatch):
     """One split but no counter buffer (what a CUDA-graph capture that would need a bigger one gets): the
     merge kernel normalises and advances lengths."""

@@ -43,8 +43,12 @@ _KERNEL_MAX_ROWS = 64            # query rows (T · n_rep) per program; more →
 # is latency-bound (8 kv heads → 8 programs): a merge launch (~1 µs) costs more than reading a few more
 # blocks in one program (the loads are pipelined; unfilled slots are not read at all).
 _SINGLE_SPLIT_MAX_BLOCKS = 4
-#: launch parameters of the fused split kernel (benchmarks/attn_decode_probe.py sweeps them)
-FUSED_TUNE = dict(warps=4, stages=2)
+#: launch parameters (benchmarks/attn_decode_probe.py sweeps them; H100 results in
+#: benchmarks/results/attn_decode_probe_h100.json): warps of the fused kernel's split path and of its
+#: single-split path (latency-bound: 8 warps took 6.4 vs 10.1 µs a layer at 64 cached tokens), its
+#: pipeline stages, splits per merge iteration and the merge's warps, and how many times over the splits
+#: fill the GPU (`_tiles`)
+FUSED_TUNE = dict(warps=4, single_warps=8, stages=2, merge_bs=8, merge_warps=4, fill=4)
 
 
 def _next_pow2(n: int) -> int:
@@ -124,7 +128,7 @@ def _build_kernels():
     @triton.jit
     def _merge_kernel(Mo, Lo, Ao, Out, N0, sob, sot, soh, sop, Hkv, G, R, P, S, RB, T,
                       INC_LENGTHS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-    PDL: tl.constexpr = 0):
+                      BLOCK_S: tl.constexpr = 1, PDL: tl.constexpr = 0):
         if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -139,17 +143,22 @@ def _build_kernels():
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
-        for sid in range(0, S):
-            base = (pid * S + sid) * BLOCK_R + rr
-            ms = tl.load(Mo + base)
-            ls = tl.load(Lo + base)
-            a_s = tl.load(Ao + base[:, None] * BLOCK_P + p[None, :])
-            m_new = tl.maximum(m, ms)
+        # BLOCK_S splits per iteration: at batch 1 a long context has ~60 splits for 8 programs, and one
+        # split at a time made the merge a chain of dependent load latencies
+        for s0 in range(0, S, BLOCK_S):
+            sids = s0 + tl.arange(0, BLOCK_S)
+            smask = sids < S
+            base = (pid * S + sids)[:, None] * BLOCK_R + rr[None, :]              # (BLOCK_S, BLOCK_R)
+            ms = tl.load(Mo + base, mask=smask[:, None], other=float("-inf"))
+            ls = tl.load(Lo + base, mask=smask[:, None], other=0.0)
+            a_s = tl.load(Ao + base[:, :, None] * BLOCK_P + p[None, None, :], mask=smask[:, None, None],
+                          other=0.0)
+            m_new = tl.maximum(m, tl.max(ms, 0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             w_old = tl.exp2(m - m_use)
-            w_new = tl.exp2(ms - m_use)
-            l = l * w_old + ls * w_new
-            acc = acc * w_old[:, None] + a_s * w_new[:, None]
+            w_new = tl.exp2(ms - m_use[None, :])
+            l = l * w_old + tl.sum(ls * w_new, 0)
+            acc = acc * w_old[:, None] + tl.sum(a_s * w_new[:, :, None], 0)
             m = m_new
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         t = r // G
@@ -374,11 +383,22 @@ def _tiles(B: int, Hkv: int, R: int, C: int, P: int, device, single_max_blocks: 
     BLOCK_N = 64 if BLOCK_P <= 64 else (32 if BLOCK_P <= 128 else 16)
     n_blocks = cdiv(C, BLOCK_N)
     programs = B * Hkv * RB
-    want = cdiv(4 * _num_sms(device), programs)                      # splits to fill the GPU ~4 times
+    want = cdiv(int(FUSED_TUNE["fill"]) * _num_sms(device), programs)   # splits to fill the GPU ~4 times
     S = 1 if n_blocks <= single_max_blocks else max(1, min(n_blocks, want))
     blocks_per_split = cdiv(n_blocks, S)
     S = cdiv(n_blocks, blocks_per_split)
     return BLOCK_R, RB, BLOCK_P, BLOCK_N, S, blocks_per_split
+
+
+def _merge(merge_kernel, Mo, Lo, Ao, out, lengths, Hkv, G, R, P, S, RB, T, BLOCK_R, BLOCK_P, *,
+           inc_lengths: bool):
+    """The merge launch (one program per (row, kv head, row block)): the S splits' partial softmax
+    states → out (and lengths += T when `inc_lengths`)."""
+    programs = out.shape[0] * Hkv * RB
+    merge_kernel[(programs,)](Mo, Lo, Ao, out, lengths, *out.stride(), Hkv, G, R, P, S, RB, T,
+                              INC_LENGTHS=inc_lengths, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P,
+                              BLOCK_S=min(_next_pow2(S), int(FUSED_TUNE["merge_bs"])),
+                              num_warps=int(FUSED_TUNE["merge_warps"]), **pdl_launch(out.device))
 
 
 def _ieee(dtype) -> bool:
@@ -409,9 +429,7 @@ def _decode_attention_impl(q: Tensor, k: Tensor, v: Tensor, n0: Tensor, window: 
         Hkv, C, T, G, R, P, S, RB, blocks_per_split * BLOCK_N, int(window), float(scale) * 1.4426950408889634,
         HAS_WINDOW=window > 0, IEEE=_ieee(q.dtype), BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         num_warps=4, num_stages=2, **pdl_launch(q.device))
-    merge_kernel[(programs,)](Mo, Lo, Ao, out, n0, *out.stride(), Hkv, G, R, P, S, RB, T,
-                              INC_LENGTHS=False, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, num_warps=4,
-                              **pdl_launch(q.device))
+    _merge(merge_kernel, Mo, Lo, Ao, out, n0, Hkv, G, R, P, S, RB, T, BLOCK_R, BLOCK_P, inc_lengths=False)
     return out
 
 
@@ -501,11 +519,12 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         HAS_WINDOW=window > 0, IEEE=_ieee(q.dtype), ROPE=half > 0, INTERLEAVED=bool(interleaved),
         PRECISE=os.environ.get("TRITON_INTERPRET") != "1" and FUSED_TUNE.get("precise", True), SINGLE=single,
         ONE=T == 1, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
-        BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)), num_warps=FUSED_TUNE["warps"], num_stages=FUSED_TUNE["stages"], **pdl_launch(q.device))
+        BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)),
+        num_warps=int(FUSED_TUNE["single_warps" if single else "warps"]), num_stages=int(FUSED_TUNE["stages"]),
+        **pdl_launch(q.device))
     if not single:
-        merge_kernel[(programs,)](Mo, Lo, Ao, out, lengths, *out.stride(), Hkv, G, R, P, S, RB, T,
-                                  INC_LENGTHS=True, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, num_warps=4,
-                                  **pdl_launch(q.device))
+        _merge(merge_kernel, Mo, Lo, Ao, out, lengths, Hkv, G, R, P, S, RB, T, BLOCK_R, BLOCK_P,
+               inc_lengths=True)
     return out
 
 
