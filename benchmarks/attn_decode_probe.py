@@ -52,11 +52,40 @@ def _graph_us(fn, reps):
     return sorted(times)[2]
 
 
+def step_default(q, k, v, inv_freq, kc, vc, lens, reset, Lx, P):
+    def step():
+        reset()
+        for i in range(Lx):
+            td._decode_attention_fused_impl(q[i], k[i], v[i], inv_freq, kc[i], vc[i], lens[i:i + 1], 0, P ** -0.5,
+                                            1.0, False)
+    return step
+
+
+def _profile(step, reps=20):
+    """µs per call of each CUDA kernel of `step` (eager launches, after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0):
+            t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if t:
+                rows[e.key[:80]] = dict(us_per_step=t / reps, calls_per_step=e.count / reps)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--lengths", default="64,1000,4096,8192")
     ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--profile", default="8192", help="lengths at which the default (PDL off) is profiled "
+                    "per kernel")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     dev, bf = torch.device("cuda"), torch.bfloat16
@@ -68,13 +97,11 @@ def main(argv=None):
     floor = _graph_us(lambda: [_touch[(1,)](scratch[i], 64) for i in range(Lx)], args.reps)
     out["trivial_chain_us"] = floor
     print("16 trivial kernels:", floor, flush=True)
-    variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("no rope", {}, "1"),
-                ("single warps 4", dict(single_warps=4), "1"), ("single warps 16", dict(single_warps=16), "1"),
-                ("split warps 8", dict(warps=8), "1"), ("stages 1", dict(stages=1), "1"),
-                ("merge bs 1", dict(merge_bs=1), "1"), ("merge bs 4", dict(merge_bs=4), "1"),
-                ("merge bs 16", dict(merge_bs=16), "1"), ("merge warps 8", dict(merge_warps=8), "1"),
-                ("fill 1", dict(fill=1), "1"), ("fill 2", dict(fill=2), "1"), ("fill 8", dict(fill=8), "1"),
-                ("split+merge", dict(single_max_blocks=0), "1")]
+    variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("fill 1", dict(fill=1), "1"),
+                ("fill 2", dict(fill=2), "1"), ("fill 1 pdl off", dict(fill=1), "0"),
+                ("fill 2 pdl off", dict(fill=2), "0"), ("merge bs 2", dict(merge_bs=2), "1"),
+                ("split warps 8", dict(warps=8), "1"), ("split warps 8 fill 2", dict(warps=8, fill=2), "1"),
+                ("split warps 8 fill 2 pdl off", dict(warps=8, fill=2), "0"), ("no rope", {}, "1")]
     for n in [int(v) for v in args.lengths.split(",")]:
         C = max(128, n + 64)
         q = torch.randn(Lx, 1, 1, H, P, device=dev, dtype=bf)
@@ -109,6 +136,12 @@ def main(argv=None):
                 os.environ.pop("HYBRIDIZE_PDL", None)
             print(rec, flush=True)
             out["rows"].append(rec)
+        if str(n) in args.profile.split(","):
+            os.environ["HYBRIDIZE_PDL"] = "0"
+            out.setdefault("profiles", {})[str(n)] = _profile(step_default(q, k, v, inv_freq, kc, vc, lens, reset,
+                                                                           Lx, P))
+            os.environ.pop("HYBRIDIZE_PDL", None)
+            print("profile", n, out["profiles"][str(n)], flush=True)
     out["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
     if args.json_out:
         write_json(out, args.json_out)

@@ -45,10 +45,10 @@ _KERNEL_MAX_ROWS = 64            # query rows (T · n_rep) per program; more →
 _SINGLE_SPLIT_MAX_BLOCKS = 4
 #: launch parameters (benchmarks/attn_decode_probe.py sweeps them; H100 results in
 #: benchmarks/results/attn_decode_probe_h100.json): warps of the fused kernel's split path and of its
-#: single-split path (latency-bound: 8 warps took 6.4 vs 10.1 µs a layer at 64 cached tokens), its
-#: pipeline stages, splits per merge iteration and the merge's warps, and how many times over the splits
-#: fill the GPU (`_tiles`)
-FUSED_TUNE = dict(warps=4, single_warps=8, stages=2, merge_bs=8, merge_warps=4, fill=4)
+#: single-split path (latency-bound: 8 warps took 6.2 vs 9.8 µs a layer at 64 cached tokens), its
+#: pipeline stages, splits per merge iteration (8 was 1.5-2 x slower than 1 at 1-8k tokens) and the
+#: merge's warps, and how many times over the splits fill the GPU (`_tiles`)
+FUSED_TUNE = dict(warps=4, single_warps=8, stages=2, merge_bs=1, merge_warps=4, fill=4)
 
 
 def _next_pow2(n: int) -> int:
