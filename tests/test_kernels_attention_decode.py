@@ -174,7 +174,7 @@ def _run_fused(case, dtype, monkeypatch):
 def test_fused_decode_matches_unfused_reference(name, dtype, monkeypatch):
     c, got, want = _run_fused(FUSED_CASES[name], dtype, monkeypatch)
     S = kern._tiles(c["B"], c["Hkv"], c["T"] * c["H"] // c["Hkv"], c["C"], c["P"], torch.device(DEVICE),
-                    kern._SINGLE_SPLIT_MAX_BLOCKS)[4]
+                    kern._SINGLE_SPLIT_MAX_BLOCKS, kern.FUSED_TUNE["fill"])[4]
     if name.startswith("multi"):
         assert S > 1, "the case should exercise split + merge"
     else:
@@ -198,7 +198,8 @@ def test_fused_decode_merge_chunks(name, merge_bs, monkeypatch):
     """The merge combines BLOCK_S splits per iteration (a partial last chunk, one chunk, one at a time)."""
     monkeypatch.setitem(kern.FUSED_TUNE, "merge_bs", merge_bs)
     c, got, want = _run_fused(FUSED_CASES[name], torch.float32, monkeypatch)
-    S = kern._tiles(c["B"], c["Hkv"], c["T"] * c["H"] // c["Hkv"], c["C"], c["P"], torch.device(DEVICE), 0)[4]
+    S = kern._tiles(c["B"], c["Hkv"], c["T"] * c["H"] // c["Hkv"], c["C"], c["P"], torch.device(DEVICE), 0,
+                    kern.FUSED_TUNE["fill"])[4]
     assert S > 2 and S % 2, S                 # several splits, and chunks of 2 leave a partial one
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(got[3], want[3])

@@ -47,8 +47,10 @@ _SINGLE_SPLIT_MAX_BLOCKS = 4
 #: benchmarks/results/attn_decode_probe_h100.json): warps of the fused kernel's split path and of its
 #: single-split path (latency-bound: 8 warps took 6.2 vs 9.8 µs a layer at 64 cached tokens), its
 #: pipeline stages, splits per merge iteration (8 was 1.5-2 x slower than 1 at 1-8k tokens) and the
-#: merge's warps, and how many times over the splits fill the GPU (`_tiles`)
-FUSED_TUNE = dict(warps=4, single_warps=8, stages=2, merge_bs=1, merge_warps=4, fill=4)
+#: merge's warps, and how many times over the splits fill the GPU (`_tiles`: at batch 1 the merge of
+#: ~66 splits per kv head took longer than the split kernel; 8 warps + fill 2 took 22.9 vs 33.1 µs a
+#: layer at 8k tokens, 10.3 vs 12.7 at 1k). The unfused kernels (batch > 1) keep 4 warps and fill 4.
+FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, merge_bs=1, merge_warps=4, fill=2)
 
 
 def _next_pow2(n: int) -> int:
@@ -372,9 +374,9 @@ def _kernels():
     return _KERNELS
 
 
-def _tiles(B: int, Hkv: int, R: int, C: int, P: int, device, single_max_blocks: int = 0):
+def _tiles(B: int, Hkv: int, R: int, C: int, P: int, device, single_max_blocks: int = 0, fill: int = 4):
     """Launch geometry: (BLOCK_R, RB, BLOCK_P, BLOCK_N, S, blocks_per_split). S splits of the C slots,
-    enough to fill the GPU ~4 times over the B · Hkv · RB (row, kv head, query-row block) programs; one
+    enough to fill the GPU `fill` times over the B · Hkv · RB (row, kv head, query-row block) programs; one
     split when the capacity is at most `single_max_blocks` blocks of BLOCK_N slots."""
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     BLOCK_R = max(16, min(_next_pow2(R), _KERNEL_MAX_ROWS))
@@ -383,7 +385,7 @@ def _tiles(B: int, Hkv: int, R: int, C: int, P: int, device, single_max_blocks: 
     BLOCK_N = 64 if BLOCK_P <= 64 else (32 if BLOCK_P <= 128 else 16)
     n_blocks = cdiv(C, BLOCK_N)
     programs = B * Hkv * RB
-    want = cdiv(int(FUSED_TUNE["fill"]) * _num_sms(device), programs)   # splits to fill the GPU ~4 times
+    want = cdiv(fill * _num_sms(device), programs)                   # splits to fill the GPU `fill` times
     S = 1 if n_blocks <= single_max_blocks else max(1, min(n_blocks, want))
     blocks_per_split = cdiv(n_blocks, S)
     S = cdiv(n_blocks, blocks_per_split)
@@ -495,7 +497,8 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
                          "place)")
     BLOCK_R, RB, BLOCK_P, BLOCK_N, S, blocks_per_split = _tiles(B, Hkv, R, C, P, q.device,
                                                                  FUSED_TUNE.get("single_max_blocks",
-                                                                                _SINGLE_SPLIT_MAX_BLOCKS))
+                                                                                _SINGLE_SPLIT_MAX_BLOCKS),
+                                                                 int(FUSED_TUNE["fill"]))
     programs = B * Hkv * RB
     counters = _row_counters(q.device, B) if S == 1 else None
     single = counters is not None
