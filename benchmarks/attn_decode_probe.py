@@ -118,12 +118,7 @@ def main(argv=None):
             td.FUSED_TUNE.update(tune)
             os.environ["HYBRIDIZE_PDL"] = pdl
             f = inv_freq if name != "no rope" else inv_freq[:0]
-
-            def step():
-                reset()
-                for i in range(Lx):
-                    td._decode_attention_fused_impl(q[i], k[i], v[i], f, kc[i], vc[i], lens[i:i + 1], 0, P ** -0.5,
-                                                    1.0, False)
+            step = step_default(q, k, v, f, kc, vc, lens, reset, Lx, P)
             try:
                 us = _graph_us(step, args.reps)
                 rec = dict(length=n, capacity=C, variant=name, us_per_layer=(us - copy_us) / Lx, chain_us=us,
