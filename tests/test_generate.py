@@ -329,3 +329,20 @@ def test_cuda_graph_decode_equals_eager(name):
         assert graph.stats.cuda_graph
     for p, a, b in zip(prompts, graph.tokens, eager.tokens):
         assert_same_greedy(model, p, a, b, tol=1e-3)
+
+
+@pytest.mark.parametrize("V", [1, 300, 511, 512, 1000, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_stage_argmax_equals_torch_argmax(V, dtype):
+    """`argmax_last` (the greedy step's argmax inside the graph) picks exactly torch's index: first maximum
+    on ties (within and across slices), NaN as the maximum, -inf rows, non-multiples of the slice width."""
+    from hybridize.generate.sampling import argmax_last
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(5, V, generator=g).to(dtype)
+    x[1] = x[1].round()                                   # many ties (bf16 / integer values)
+    x[2] = float("-inf")
+    if V > 3:
+        x[3, V // 3] = x[3, -1] = float("nan")
+        x[4, -1] = x[4, V // 2] = x[4].max() + 1          # the same maximum in two slices
+    for rows in (x, x[0], x[:2].reshape(2, 1, V)):
+        assert torch.equal(argmax_last(rows), rows.argmax(-1)), V

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from hybridize.generate.cache_ops import alloc_cache, copy_rows_, empty_like, zero_
-from hybridize.generate.sampling import SamplingParams, sample
+from hybridize.generate.sampling import SamplingParams, argmax_last, sample
 from hybridize.ops.gemv import prepare_decode_gemv
 
 #: stream(row, new_token_ids, new_text_or_None), called as tokens of a row become final
@@ -407,7 +407,7 @@ class GraphedProgram:
 
 # ---------------------------------------------------------------------------- step runner
 def _with_argmax(logits: Tensor):
-    return logits, logits.float().argmax(-1)
+    return logits, argmax_last(logits)          # exact in the logits' dtype: no fp32 copy of the row
 
 
 class StepRunner:

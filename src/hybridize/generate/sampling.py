@@ -109,3 +109,19 @@ def sample(logits: Tensor, params: SamplingParams, generator: Optional[torch.Gen
     if params.greedy:
         return x.argmax(dim=-1)
     return draw(x.softmax(dim=-1), generator)
+
+
+def argmax_last(x: Tensor, chunk: int = 256) -> Tensor:
+    """``x.argmax(-1)`` (the first maximum; a NaN counts as the maximum) in two reductions: the max of each
+    `chunk`-wide slice of the last dim, then the argmax over those maxima. Why: at batch 1 torch's argmax of
+    one 128k-logit row is a single-block reduction (27 µs on an H100, ~2.5 % of a 1.2 B model's decode
+    step); V / chunk rows reduce in parallel. x (..., V) → int64 (...)."""
+    V = x.shape[-1]
+    if V < 2 * chunk:
+        return x.argmax(-1)
+    pad = (-V) % chunk
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=float("-inf"))
+    m, i = x.unflatten(-1, (-1, chunk)).max(-1)            # (..., V / chunk): first maximum of each slice
+    c = m.argmax(-1, keepdim=True)                          # first slice holding the overall maximum
+    return (c * chunk + i.gather(-1, c)).squeeze(-1)
