@@ -157,6 +157,141 @@ def test_ssd_step_custom_op_registration():
                           (*args, t["state"].clone(), kw["D"], kw["z"], kw["dt_bias"], None, True, 0.0, 2.0))
 
 
+# ----------------------------------------------------------------------------- shared rows, A_log
+# The decode step of a Mamba-in-the-Llama layer reads x (B, Hx, P) and B (B, Gb, N) per kv head and
+# C (B, Gc, N) per query head straight from the conv output, and A_log instead of A = -exp(A_log).
+def _shared_inputs(B, H, Hx, Gb, Gc, P, N, *, seed=0, state_dtype=torch.float32, z=False):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    t = dict(x=mk(B, Hx, P), dt=mk(B, H) * 0.7, Bm=mk(B, Gb, N), Cm=mk(B, Gc, N),
+             state=mk(B, H, P, N).to(state_dtype), A_log=torch.log(torch.rand(H, generator=gen) * 3 + 0.5))
+    kw = dict(D=mk(H), z=mk(B, H, P) if z else None, dt_bias=mk(H) * 0.5 - 1.0, dt_softplus=True)
+    mv = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return {k: mv(v) for k, v in t.items()}, {k: mv(v) for k, v in kw.items()}
+
+
+def _step_both(t, kw, decay):
+    """Kernel and reference on clones of the state; decay "A_log" passes A_log, "A" passes -exp(A_log)."""
+    dec = dict(A=None, A_log=t["A_log"]) if decay == "A_log" else dict(A=-torch.exp(t["A_log"]), A_log=None)
+    out = []
+    for fn in (kern.ssd_step_triton, ssd_ref.ssd_step):
+        s = t["state"].clone()
+        y = fn(t["x"], t["dt"], dec["A"], t["Bm"], t["Cm"], s, A_log=dec["A_log"], **kw)
+        out += [y, s]
+    return out
+
+
+_SHARED_CASES = {   # (B, H, Hx, Gb, Gc, P, N)
+    "x_one_row": (3, 8, 1, 2, 8, 8, 16),
+    "x_quarter_mil": (1, 8, 2, 2, 8, 8, 16),        # Hx = H / 4 = Gb, Gc = H (the MIL layout)
+    "x_per_head_Gb_ne_Gc": (3, 8, 8, 1, 4, 8, 16),
+    "awkward": (3, 6, 2, 3, 6, 24, 17),             # P, N not powers of two; Gb != Gc != Hx
+    "awkward_b1_gate": (1, 6, 2, 3, 6, 24, 17),
+}
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decay", ["A_log", "A"])
+@pytest.mark.parametrize("case", list(_SHARED_CASES))
+def test_ssd_step_shared_rows_match_reference(case, decay, state_dtype):
+    B, H, Hx, Gb, Gc, P, N = _SHARED_CASES[case]
+    t, kw = _shared_inputs(B, H, Hx, Gb, Gc, P, N, state_dtype=state_dtype, z=case.endswith("gate"))
+    y_ker, s_ker, y_ref, s_ref = _step_both(t, kw, decay)
+    assert y_ker.shape == (B, H, P) and s_ker.dtype == state_dtype
+    _close(y_ker, y_ref, state_dtype)
+    _close(s_ker, s_ref, state_dtype)
+
+
+@pytest.mark.parametrize("case", ["x_one_row", "awkward"])
+def test_ssd_step_shared_rows_reference_equals_explicit_repeat(case):
+    """The generalised reference == the old call (x / B / C repeated to H heads, A = -exp(A_log)),
+    bit for bit in fp32, and matches the recurrent scan on that explicit layout."""
+    B, H, Hx, Gb, Gc, P, N = _SHARED_CASES[case]
+    t, kw = _shared_inputs(B, H, Hx, Gb, Gc, P, N, z=True)
+    s_new, s_old = t["state"].clone(), t["state"].clone()
+    y_new = ssd_ref.ssd_step(t["x"], t["dt"], None, t["Bm"], t["Cm"], s_new, A_log=t["A_log"], **kw)
+    y_old = ssd_ref.ssd_step(t["x"].repeat_interleave(H // Hx, 1), t["dt"], -torch.exp(t["A_log"].float()),
+                             t["Bm"].repeat_interleave(H // Gb, 1), t["Cm"].repeat_interleave(H // Gc, 1),
+                             s_old, **kw)
+    assert torch.equal(y_new, y_old) and torch.equal(s_new, s_old)
+    # the recurrent scan (an independent implementation) on the explicit layout, one token
+    y_rec, s_rec = ssd_ref.ssd_recurrent(
+        t["x"].repeat_interleave(H // Hx, 1)[:, None], t["dt"][:, None], -torch.exp(t["A_log"]),
+        t["Bm"].repeat_interleave(H // Gb, 1)[:, None], t["Cm"].repeat_interleave(H // Gc, 1)[:, None],
+        initial_state=t["state"], return_final_state=True, **{**kw, "z": kw["z"][:, None]})
+    _close(y_new, y_rec[:, 0])
+    _close(s_new, s_rec)
+
+
+def test_ssd_step_mil_views_of_one_conv_output():
+    """x / B / C as strided views of one (B, conv_dim) row (what Mamba2Mixer.step passes), a strided
+    state; kernel == reference, and the input buffer is left alone."""
+    B, H, Hx, P, N = 2, 6, 2, 5, 7
+    gen = torch.Generator().manual_seed(7)
+    conv = torch.randn(B, Hx * P + Hx * N + H * N + 3, generator=gen).to(DEVICE)
+    x, Bm, Cm, _ = torch.split(conv, [Hx * P, Hx * N, H * N, 3], dim=-1)
+    x, Bm, Cm = x.unflatten(-1, (Hx, P)), Bm.unflatten(-1, (Hx, N)), Cm.unflatten(-1, (H, N))
+    big = torch.randn(B, H, P, N + 2, generator=gen).to(DEVICE)
+    state = big[..., 1:N + 1]
+    dt, A_log = torch.randn(B, H, generator=gen).to(DEVICE), torch.randn(H, generator=gen).to(DEVICE)
+    before, ref_state = conv.clone(), state.clone()
+    y = kern.ssd_step_triton(x, dt, None, Bm, Cm, state, A_log=A_log, dt_softplus=True)
+    y_ref = ssd_ref.ssd_step(x, dt, None, Bm, Cm, ref_state, A_log=A_log, dt_softplus=True)
+    _close(y, y_ref)
+    _close(state, ref_state)
+    assert torch.equal(conv, before)
+
+
+def test_ssd_step_shared_rows_dispatch_and_custom_op(monkeypatch):
+    """The dispatching name (kernel forced on / off) and the torch.library op with A_log and shared rows
+    (its fake gives y (B, H, P), not x's shape)."""
+    from hybridize.ops import ssd as ssd_ops
+    t, kw = _shared_inputs(2, 6, 2, 3, 6, 5, 6, z=True)
+    args = (t["x"], t["dt"], None, t["Bm"], t["Cm"])
+    ys, states = [], []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("HYBRIDIZE_KERNELS", flag)
+        states.append(t["state"].clone())
+        ys.append(ssd_ops.ssd_step(*args, states[-1], A_log=t["A_log"], **kw))
+    s_op = t["state"].clone()
+    op_args = (*args, s_op, kw["D"], kw["z"], kw["dt_bias"], None, True, 0.0, float("inf"), t["A_log"])
+    ys.append(torch.ops.hybridize.ssd_step(*op_args))
+    states.append(s_op)
+    for y, s in zip(ys[1:], states[1:], strict=True):
+        _close(ys[0], y)
+        _close(states[0], s)
+    torch.library.opcheck(torch.ops.hybridize.ssd_step, (*op_args[:5], t["state"].clone(), *op_args[6:]))
+    torch.library.opcheck(torch.ops.hybridize.ssd_step, (*op_args[:5], t["state"].clone(), *op_args[6:-1]),
+                          dict(A_log=t["A_log"]))
+
+
+@pytest.mark.parametrize("fn", ["reference", "kernel", "dispatch"])
+def test_ssd_step_bad_arguments_raise_clearly(fn):
+    from hybridize.ops import ssd as ssd_ops
+    step = dict(reference=ssd_ref.ssd_step, kernel=kern.ssd_step_triton, dispatch=ssd_ops.ssd_step)[fn]
+    t, _ = _shared_inputs(1, 6, 2, 3, 6, 4, 5)
+    A = -torch.exp(t["A_log"])
+
+    def call(x=t["x"], Bm=t["Bm"], Cm=t["Cm"], A=None, A_log=t["A_log"], log_decay=None):
+        return step(x, t["dt"], A, Bm, Cm, t["state"].clone(), A_log=A_log, log_decay=log_decay)
+
+    rule = r"x \(B, Hx, P\).*dividing H"
+    with pytest.raises(ValueError, match=rule + r".*x \(1, 4, 4\)"):
+        call(x=torch.randn(1, 4, 4, device=DEVICE))             # 4 does not divide H = 6
+    with pytest.raises(ValueError, match=rule + r".*Bm \(1, 4, 5\)"):
+        call(Bm=torch.randn(1, 4, 5, device=DEVICE))
+    with pytest.raises(ValueError, match=rule + r".*Cm \(1, 5, 5\)"):
+        call(Cm=torch.randn(1, 5, 5, device=DEVICE))
+    with pytest.raises(ValueError, match=rule):
+        call(x=torch.randn(1, 2, 3, device=DEVICE))             # P differs from the state's
+    with pytest.raises(ValueError, match="not both"):
+        call(A=A)
+    with pytest.raises(ValueError, match="required"):
+        call(A_log=None)
+    # log_decay replaces dt·A: it needs neither (the discrete Mamba-2 call)
+    call(A_log=None, log_decay=-torch.rand(1, 6, device=DEVICE))
+
+
 # ----------------------------------------------------------------------------- Mamba-1 step
 def _ss_inputs(B, C, N, G, *, D=True, z=True, bias=True, seed=0, state_dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)

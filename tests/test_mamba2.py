@@ -171,6 +171,47 @@ def test_mil_repetition_order_matches_repeat_kv():
         assert torch.equal(Cm[0, h], 16 + torch.arange(4 * h, 4 * h + 4, dtype=torch.float32))
 
 
+@pytest.mark.parametrize("name", ["standard", "mil"])
+def test_step_passes_unrepeated_views_and_A_log(name, monkeypatch):
+    """The decode step hands the SSD step views of the conv output, not repeat_interleave copies
+    (MIL: x, B per kv head, C per query head), and A_log instead of A; same result as the explicit call."""
+    import hybridize.ops.ssd as ssd_ops
+    m = CONFIGS[name]()
+    seen, real = [], ssd_ops.ssd_step
+
+    def spy(x, dt, A, Bm, Cm, state, **kw):
+        seen.append((x, A, Bm, Cm, kw))
+        return real(x, dt, A, Bm, Cm, state, **kw)
+
+    monkeypatch.setattr(ssd_ops, "ssd_step", spy)
+    st, st_ref = m.init_state(2), m.init_state(2)
+    st.ssm.normal_()
+    st_ref.ssm.copy_(st.ssm)
+    u = torch.randn(2, HID)
+    with torch.no_grad():
+        y = m.step(u, st)
+    x, A, Bm, Cm, kw = seen[0]
+    n_x = m.n_kv if name == "mil" else m.nheads
+    n_b = m.n_kv if name == "mil" else m.ngroups
+    assert x.shape == (2, n_x, m.headdim) and Bm.shape == (2, n_b, m.d_state)
+    assert Cm.shape == (2, m.ngroups, m.d_state)
+    assert A is None and kw["A_log"] is m.A_log
+    assert x._base is not None and x._base is Bm._base is Cm._base          # one buffer, no copies
+    # the old explicit call: rows repeated to H heads, A = -exp(A_log)
+    monkeypatch.setattr(ssd_ops, "ssd_step", real)
+    with torch.no_grad():
+        proj = m.in_proj(u)
+        z, xbc, dt = torch.split(proj, [m.d_inner, m.conv_dim, m.nheads], dim=-1)
+        xbc = F.silu(torch.cat([st_ref.conv, xbc[..., None]], -1).mul(m.conv1d.weight[:, 0]).sum(-1)
+                     + m.conv1d.bias)
+        xr, Br, Cr = m._split_xbc(xbc)
+        yr = real(xr, dt, -torch.exp(m.A_log.float()), Br, Cr, st_ref.ssm, D=m._D(), dt_bias=m.dt_bias,
+                  dt_softplus=True, dt_limit=m.dt_limit)
+        ref = m.out_proj(m.norm(yr.reshape(2, m.d_inner), z))
+    torch.testing.assert_close(st.ssm, st_ref.ssm, rtol=0, atol=0)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
 def _hf_repeat_kv(t, n_rep):
     """transformers' repeat_kv on (batch, kv_heads, seqlen, dim)."""
     b, kv, L, d = t.shape

@@ -149,12 +149,44 @@ def ssd_recurrent(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Te
     return (y, h) if return_final_state else y
 
 
+def step_head_reps(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor, A: Optional[Tensor] = None,
+                   A_log: Optional[Tensor] = None, log_decay: Optional[Tensor] = None):
+    """Check ``ssd_step``'s arguments → (H // Hx, H // Gb, H // Gc): head h reads x row h // (H // Hx),
+    B group h // (H // Gb), C group h // (H // Gc). Shared by the reference and the kernel."""
+    if A is not None and A_log is not None:
+        raise ValueError("ssd_step: pass A (H,) or A_log (H,) (then A = -exp(A_log)), not both")
+    if A is None and A_log is None and log_decay is None:
+        raise ValueError("ssd_step: one of A (H,), A_log (H,) or log_decay (B, H) is required")
+    ok = state.dim() == 4 and x.dim() == 3 and Bm.dim() == 3 and Cm.dim() == 3
+    if ok:
+        Bsz, H, P, N = state.shape
+        heads = (x.shape[1], Bm.shape[1], Cm.shape[1])
+        ok = (x.shape[0] == Bm.shape[0] == Cm.shape[0] == Bsz and x.shape[2] == P and Bm.shape[2] == N
+              and Cm.shape[2] == N and tuple(dt.shape) == (Bsz, H)
+              and all(k > 0 and H % k == 0 for k in heads))
+    if not ok:
+        raise ValueError(
+            "ssd_step: expected state (B, H, P, N), x (B, Hx, P), dt (B, H), Bm (B, Gb, N), Cm (B, Gc, N) "
+            "with Hx, Gb, Gc each dividing H (head h reads x[:, h // (H // Hx)], Bm[:, h // (H // Gb)], "
+            f"Cm[:, h // (H // Gc)]); got state {tuple(state.shape)}, x {tuple(x.shape)}, dt {tuple(dt.shape)}, "
+            f"Bm {tuple(Bm.shape)}, Cm {tuple(Cm.shape)}")
+    return tuple(H // k for k in heads)
+
+
 def ssd_step(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor, state: Tensor, *,
              D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
-             dt_softplus: bool = False, dt_limit=_NO_LIMIT, log_decay: Optional[Tensor] = None) -> Tensor:
-    """One token. x (B,H,P), dt (B,H), A (H,), Bm/Cm (B,G,N), state (B,H,P,N) — updated IN PLACE
-    (copy_, keeping its dtype); D (H,)|(H,P), z (B,H,P), log_decay (B,H). Returns y (B,H,P) in x.dtype."""
-    H = x.shape[1]
+             dt_softplus: bool = False, dt_limit=_NO_LIMIT, log_decay: Optional[Tensor] = None,
+             A_log: Optional[Tensor] = None) -> Tensor:
+    """One token. state (B,H,P,N) — updated IN PLACE (copy_, keeping its dtype); x (B,Hx,P),
+    Bm (B,Gb,N), Cm (B,Gc,N) with Hx, Gb, Gc dividing H: head h reads x[:, h // (H // Hx)] (also for
+    D·x; x rows shared like GQA's repeat_kv), Bm[:, h // (H // Gb)], Cm[:, h // (H // Gc)];
+    dt (B,H); A (H,), or A_log (H,) with A = -exp(A_log.float()) (pass A=None), or log_decay (B,H)
+    (which replaces dt·A); D (H,)|(H,P), z (B,H,P). Returns y (B,H,P) in x.dtype."""
+    x_rep, _, _ = step_head_reps(x, dt, Bm, Cm, state, A, A_log, log_decay)
+    H = state.shape[1]
+    if A_log is not None:
+        A = -torch.exp(A_log.float())
+    x = x.repeat_interleave(x_rep, dim=1)        # exact copies, in x's dtype
     dtp = _process_dt(dt, dt_bias, dt_softplus, dt_limit)
     a = _log_decay(dtp, A, log_decay)
     h = _update(state.float(), x.float(), dtp, a, _heads(Bm, H))

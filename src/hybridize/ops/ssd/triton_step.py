@@ -7,6 +7,11 @@ group g = h // (H // G); dt after bias / softplus / clamp to dt_limit; a = dt·A
     h  = exp(a)·h + dt·x ⊗ B_g          h: (P, N), fp32 math whatever the state dtype
     y  = h·C_g + D·x,   y *= silu(z)
 
+The step kernel also reads shared rows directly (no repeat_interleave before it): x (B, Hx, P),
+B (B, Gb, N), C (B, Gc, N) with head h on rows h // (H // Hx), h // (H // Gb), h // (H // Gc) (the
+Mamba-in-the-Llama layout: x and B per kv head, C per query head), and takes A_log with
+A = -exp(A_log) computed in the kernel.
+
 Kernels (grid: one program per (b, h, P-block), flattened on axis 0; the whole N axis in one tile)
 ---------------------------------------------------------------------------------------------------
 * ``_ssd_step_kernel`` — load the (BP, N) state tile once, update it in registers, store it once
@@ -46,6 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridize.ops.pdl import pdl_launch
+from hybridize.ops.ssd.reference import step_head_reps
 
 TUNE = {
     "step_tile_bytes": 16384,     # state bytes per program: BP = tile / (next_pow2(N) · element size)
@@ -73,8 +79,10 @@ def _softplus(v):
 
 @triton.jit
 def _dt_and_decay(dt_ptr, ld_ptr, A_ptr, bias_ptr, h, dt_min, dt_max,
-                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG_DECAY: tl.constexpr):
-    """Scalar dt (processed as the reference's _process_dt) and the log decay a of one (b, h, token)."""
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG_DECAY: tl.constexpr,
+                  A_LOG: tl.constexpr):
+    """Scalar dt (processed as the reference's _process_dt) and the log decay a of one (b, h, token).
+    A_LOG: A_ptr holds A_log, A = -exp(A_log) (the op order of the reference)."""
     dt = tl.load(dt_ptr).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + h).to(tl.float32)
@@ -84,7 +92,10 @@ def _dt_and_decay(dt_ptr, ld_ptr, A_ptr, bias_ptr, h, dt_min, dt_max,
     if LOG_DECAY:
         a = tl.load(ld_ptr).to(tl.float32)
     else:
-        a = dt * tl.load(A_ptr + h).to(tl.float32)
+        A = tl.load(A_ptr + h).to(tl.float32)
+        if A_LOG:
+            A = -tl.exp(A)
+        a = dt * A
     return dt, a
 
 
@@ -109,13 +120,15 @@ def _skip_gate(y, xv, D_ptr, z_ptr, h, p, pm, sDh,
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, s_ptr, D_ptr, z_ptr, bias_ptr, ld_ptr, y_ptr,
-                     H, P, N, n_pblk, heads_per_group,
+                     H, P, N, n_pblk, x_rep, b_rep, c_rep,
                      sxb, sxh, sdb, sdh, sBb, sBg, sCb, sCg, ssb, ssh, ssp, ssn,
                      szb, szh, slb, slh, syb, syh, sDh, dt_min, dt_max,
                      HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG_DECAY: tl.constexpr,
-                     EVICT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr = 0):
-    """One token for the (BP, N) state block (b, h, P-block); state updated in place."""
+                     A_LOG: tl.constexpr, EVICT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                     PDL: tl.constexpr = 0):
+    """One token for the (BP, N) state block (b, h, P-block); state updated in place. Head h reads
+    x row h // x_rep, B group h // b_rep, C group h // c_rep (shared rows, read in place)."""
     if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -124,7 +137,6 @@ def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, s_ptr, D_ptr, z_ptr, bi
     bh = pid // n_pblk
     h = bh % H
     b = (bh // H).to(tl.int64)
-    g = h // heads_per_group
     p = pb * BP + tl.arange(0, BP)
     n = tl.arange(0, BN)
     pm = p < P
@@ -138,10 +150,10 @@ def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, s_ptr, D_ptr, z_ptr, bi
         s = tl.load(sp, mask=m, other=0.0).to(tl.float32)
 
     dt, a = _dt_and_decay(dt_ptr + b * sdb + h * sdh, ld_ptr + b * slb + h * slh, A_ptr, bias_ptr,
-                          h, dt_min, dt_max, HAS_BIAS, SOFTPLUS, LOG_DECAY)
-    xv = tl.load(x_ptr + b * sxb + h * sxh + p, mask=pm, other=0.0).to(tl.float32)
-    Bv = tl.load(B_ptr + b * sBb + g * sBg + n, mask=nm, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + b * sCb + g * sCg + n, mask=nm, other=0.0).to(tl.float32)
+                          h, dt_min, dt_max, HAS_BIAS, SOFTPLUS, LOG_DECAY, A_LOG)
+    xv = tl.load(x_ptr + b * sxb + (h // x_rep) * sxh + p, mask=pm, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + b * sBb + (h // b_rep) * sBg + n, mask=nm, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * sCb + (h // c_rep) * sCg + n, mask=nm, other=0.0).to(tl.float32)
 
     s = s * tl.exp(a) + (dt * xv)[:, None] * Bv[None, :]
     if EVICT:
@@ -306,13 +318,16 @@ def _check_state(state: Tensor, Bsz: int, H: int, P: int, N: int):
         raise ValueError(f"ssd step/verify kernels need N <= {MAX_N}, got {N}")
 
 
-def _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max):
-    Bsz, H, P = x.shape
-    G, N = Bm.shape[1], Bm.shape[2]
-    _check_state(state, Bsz, H, P, N)
+def _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max, A_log=None):
+    """x (B,Hx,P), Bm (B,Gb,N), Cm (B,Gc,N), state (B,H,P,N): see ssd_step_triton."""
+    x_rep, b_rep, c_rep = step_head_reps(x, dt, Bm, Cm, state, A, A_log, log_decay)
+    Bsz, H, P, N = state.shape
+    if N > MAX_N:
+        raise ValueError(f"ssd step/verify kernels need N <= {MAX_N}, got {N}")
     x, Bm, Cm, z = _unit_last(x), _unit_last(Bm), _unit_last(Cm), _unit_last(z)
     D, d_per_p, sDh = _D_args(D)
-    A, dt_bias = _vec(A), _vec(dt_bias)
+    a_log = A_log is not None and log_decay is None    # the kernel computes A = -exp(A_log)
+    A, dt_bias = _vec(A_log if a_log else A), _vec(dt_bias)
     y = torch.empty(Bsz, H, P, device=x.device, dtype=x.dtype)
     if y.numel() == 0:
         return y
@@ -322,12 +337,13 @@ def _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, d
         x, dt, A if A is not None else dt, Bm, Cm, state, D if D is not None else x,
         z if z is not None else x,
         dt_bias if dt_bias is not None else dt, log_decay if log_decay is not None else dt, y,
-        H, P, N, n_pblk, H // G,
+        H, P, N, n_pblk, x_rep, b_rep, c_rep,
         *_st(x, 2), *_st(dt, 2), *_st(Bm, 2), *_st(Cm, 2), *state.stride(),
         *_st(z, 2), *_st(log_decay, 2), *_st(y, 2), sDh, float(dt_min), float(dt_max),
         HAS_D=D is not None, D_PER_P=d_per_p, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=bool(dt_softplus), LOG_DECAY=log_decay is not None, EVICT=bool(TUNE["evict_first"]),
-        BP=BP, BN=BN, num_warps=_warps(BP, BN, TUNE["step_warps"]), **pdl_launch(x.device))
+        SOFTPLUS=bool(dt_softplus), LOG_DECAY=log_decay is not None, A_LOG=a_log,
+        EVICT=bool(TUNE["evict_first"]), BP=BP, BN=BN, num_warps=_warps(BP, BN, TUNE["step_warps"]),
+        **pdl_launch(x.device))
     return y
 
 
@@ -377,13 +393,15 @@ def _verify_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay,
 @torch.library.custom_op("hybridize::ssd_step", mutates_args=("state",))
 def _ssd_step_op(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor, state: Tensor,
                  D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
-                 log_decay: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float) -> Tensor:
-    return _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max)
+                 log_decay: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
+                 A_log: Optional[Tensor] = None) -> Tensor:
+    return _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max, A_log)
 
 
 @_ssd_step_op.register_fake
-def _(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max):
-    return torch.empty_like(x)
+def _(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max, A_log=None):
+    step_head_reps(x, dt, Bm, Cm, state, A, A_log, log_decay)    # the same errors while tracing
+    return x.new_empty(state.shape[:3])                            # y (B, H, P), x may have Hx < H rows
 
 
 @torch.library.custom_op("hybridize::ssd_verify", mutates_args=())
@@ -441,15 +459,15 @@ def _in_graph() -> bool:
 def ssd_step_triton(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor, state: Tensor, *,
                     D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
                     dt_softplus: bool = False, dt_limit=(0.0, float("inf")),
-                    log_decay: Optional[Tensor] = None) -> Tensor:
-    """One token, fused. x (B,H,P), dt (B,H), A (H,) (None with log_decay), Bm/Cm (B,G,N),
-    state (B,H,P,N) fp32/bf16/fp16 (any strides) — updated IN PLACE; D (H,)|(H,P), z (B,H,P),
-    dt_bias (H,), log_decay (B,H). Returns y (B,H,P) in x's dtype. Same semantics as
+                    log_decay: Optional[Tensor] = None, A_log: Optional[Tensor] = None) -> Tensor:
+    """One token, fused. state (B,H,P,N) fp32/bf16/fp16 (any strides) — updated IN PLACE;
+    x (B,Hx,P), Bm (B,Gb,N), Cm (B,Gc,N) with Hx, Gb, Gc dividing H (head h reads rows
+    h // (H // Hx), h // (H // Gb), h // (H // Gc); strided views are read in place); dt (B,H);
+    A (H,), or A_log (H,) with A = -exp(A_log) computed in the kernel (A=None), or log_decay (B,H);
+    D (H,)|(H,P), z (B,H,P), dt_bias (H,). Returns y (B,H,P) in x's dtype. Same semantics as
     :func:`hybridize.ops.ssd.reference.ssd_step`; no host synchronisation (CUDA-graph capturable)."""
-    if log_decay is None and A is None:
-        raise ValueError("ssd: A is required unless log_decay is given")
     args = (x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, bool(dt_softplus),
-            float(dt_limit[0]), float(dt_limit[1]))
+            float(dt_limit[0]), float(dt_limit[1]), A_log)
     if _in_graph():
         return torch.ops.hybridize.ssd_step(*args)
     return _step_impl(*args)
