@@ -84,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--lengths", default="64,1000,4096,8192")
     ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--variants", default=None, help="comma-separated names of the variants to run (default: all)")
     ap.add_argument("--profile", default="8192", help="lengths at which the default (PDL off) is profiled "
                     "per kernel")
     ap.add_argument("--json-out", default=None)
@@ -97,11 +98,21 @@ def main(argv=None):
     floor = _graph_us(lambda: [_touch[(1,)](scratch[i], 64) for i in range(Lx)], args.reps)
     out["trivial_chain_us"] = floor
     print("16 trivial kernels:", floor, flush=True)
-    variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("fill 1", dict(fill=1), "1"),
-                ("fill 2", dict(fill=2), "1"), ("fill 1 pdl off", dict(fill=1), "0"),
-                ("fill 2 pdl off", dict(fill=2), "0"), ("merge bs 2", dict(merge_bs=2), "1"),
-                ("split warps 8", dict(warps=8), "1"), ("split warps 8 fill 2", dict(warps=8, fill=2), "1"),
-                ("split warps 8 fill 2 pdl off", dict(warps=8, fill=2), "0"), ("no rope", {}, "1")]
+    # (earlier sweeps: fill / warps / merge_bs / RoPE, attn_decode_probe*_h100.json; this one: the
+    # merge in the last split program instead of a merge kernel, longer K/V tiles, deeper pipelines)
+    ml = dict(merge_last=True)
+    variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("merge last", ml, "1"),
+                ("merge last pdl off", ml, "0"), ("merge last fill 1", dict(ml, fill=1), "1"),
+                ("merge last fill 4", dict(ml, fill=4), "1"), ("merge last warps 4", dict(ml, warps=4), "1"),
+                ("block 128", dict(block_n=128), "1"), ("merge last block 128", dict(ml, block_n=128), "1"),
+                ("merge last block 128 fill 1", dict(ml, block_n=128, fill=1), "1"),
+                ("stages 3", dict(stages=3), "1"), ("merge last stages 3", dict(ml, stages=3), "1"),
+                ("merge last block 128 stages 3", dict(ml, block_n=128, stages=3), "1"),
+                ("merge last block 32 fill 4", dict(ml, block_n=32, fill=4), "1"),
+                ("merge last single max 8", dict(ml, single_max_blocks=8), "1")]
+    if args.variants:
+        keep = set(args.variants.split(","))
+        variants = [v for v in variants if v[0] in keep]
     for n in [int(v) for v in args.lengths.split(",")]:
         C = max(128, n + 64)
         q = torch.randn(Lx, 1, 1, H, P, device=dev, dtype=bf)
@@ -122,7 +133,7 @@ def main(argv=None):
             try:
                 us = _graph_us(step, args.reps)
                 rec = dict(length=n, capacity=C, variant=name, us_per_layer=(us - copy_us) / Lx, chain_us=us,
-                           copy_us=copy_us)
+                           copy_us=copy_us, floor_us=2 * Hkv * n * P * 2 / 3.35e12 * 1e6)
             except Exception as e:  # noqa: BLE001 - recorded, not fatal
                 rec = dict(length=n, variant=name, error=f"{type(e).__name__}: {e}"[:1500])
             finally:
@@ -133,10 +144,15 @@ def main(argv=None):
             out["rows"].append(rec)
         if str(n) in args.profile.split(","):
             os.environ["HYBRIDIZE_PDL"] = "0"
-            out.setdefault("profiles", {})[str(n)] = _profile(step_default(q, k, v, inv_freq, kc, vc, lens, reset,
-                                                                           Lx, P))
+            for name, tune in (("default", {}), ("merge last", ml)):
+                saved = dict(td.FUSED_TUNE)
+                td.FUSED_TUNE.update(tune)
+                prof = _profile(step_default(q, k, v, inv_freq, kc, vc, lens, reset, Lx, P))
+                td.FUSED_TUNE.clear()
+                td.FUSED_TUNE.update(saved)
+                out.setdefault("profiles", {})[f"{n} {name}"] = prof
+                print("profile", n, name, prof, flush=True)
             os.environ.pop("HYBRIDIZE_PDL", None)
-            print("profile", n, out["profiles"][str(n)], flush=True)
     out["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
     if args.json_out:
         write_json(out, args.json_out)

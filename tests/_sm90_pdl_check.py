@@ -60,7 +60,7 @@ JITFunction.run = _compile_instead
 def main():
     from hybridize.ops.attention import triton_decode as att
     from hybridize.ops.conv1d import triton as conv
-    from hybridize.ops.gemv.triton import GemvConfig, gemv_triton
+    from hybridize.ops.gemv.triton import ConvUpdate, GemvConfig, gemv_triton
     from hybridize.ops.rglru import triton as rglru
     from hybridize.ops.selective_scan import triton_step as ss
     from hybridize.ops.ssd import triton_step as ssd
@@ -70,6 +70,8 @@ def main():
     nw = torch.ones(256, dtype=bf)
     gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), norm_weight=nw, eps=1e-5, glu="silu")
     gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), add=x, residual=torch.zeros(512, dtype=bf))
+    gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), norm_weight=nw, eps=1e-5,     # Mamba's in_proj + conv
+                conv=ConvUpdate(torch.zeros(1, 300, 3), torch.randn(300, 4, dtype=bf), None, 100))
     B, H, Hkv, P, C = 2, 8, 2, 64, 256
     q, k = torch.randn(B, 1, H, P, dtype=bf), torch.randn(B, 1, Hkv, P, dtype=bf)
     kc = torch.zeros(B, Hkv, C, P, dtype=bf)
@@ -77,16 +79,19 @@ def main():
         att._decode_attention_fused_impl(q, k, k.clone(), torch.ones(32), kc, kc.clone(), torch.full((B,), n), 0,
                                          0.125, 1.0, False)
     att._decode_attention_impl(q.transpose(1, 2).contiguous(), kc, kc.clone(), torch.tensor([250] * B), 0, 0.125)
+    att.FUSED_TUNE["merge_last"] = True     # split kernel that merges in its last program (fence, atomics)
+    att._decode_attention_fused_impl(q, k, k.clone(), torch.ones(32), kc, kc.clone(), torch.full((B,), 250), 0,
+                                     0.125, 1.0, False)
     conv._update_impl(torch.randn(2, 256, dtype=bf), torch.zeros(2, 256, 3, dtype=bf),
                       torch.randn(256, 4, dtype=bf), None, True)
     rglru._step_impl(torch.randn(2, 256), torch.rand(2, 256), torch.zeros(2, 256))
     u = torch.randn(2, 512, dtype=bf)
     ss._step_impl(u, u.clone(), -torch.rand(512, 16), torch.randn(2, 1, 16, dtype=bf),
                   torch.randn(2, 1, 16, dtype=bf), torch.zeros(2, 512, 16), torch.ones(512), None, None, True)
-    xh = torch.randn(2, 8, 64, dtype=bf)
-    ssd._step_impl(xh, torch.rand(2, 8, dtype=bf), -torch.rand(8), torch.randn(2, 1, 128, dtype=bf),
-                   torch.randn(2, 1, 128, dtype=bf), torch.zeros(2, 8, 64, 128), None, None, None, None, True, 0.0,
-                   float("inf"))
+    xh = torch.randn(2, 2, 64, dtype=bf)     # the Mamba-in-the-Llama decode call: shared x / B rows, A_log
+    ssd._step_impl(xh, torch.rand(2, 8, dtype=bf), None, torch.randn(2, 2, 128, dtype=bf),
+                   torch.randn(2, 8, 128, dtype=bf), torch.zeros(2, 8, 64, 128), None, None, None, None, True, 0.0,
+                   float("inf"), torch.randn(8))
 
 
 if __name__ == "__main__":

@@ -328,6 +328,7 @@ def test_fused_decode_step_matches_the_unfused_step(pattern, fused_counter, monk
     calls = _register_model(model, monkeypatch)
     variants = {v for _, _, v in calls}
     assert {"norm", "norm+glu:silu", "res", "gate+norm:16+res"} <= variants, variants
+    assert any(v.startswith("norm+conv:") for v in variants), variants       # Mamba-2's in_proj + conv step
     cache = model.init_cache(1, max_seqlen=8, device=DEVICE)
     ref_cache = ref_model.init_cache(1, max_seqlen=8, device=DEVICE)
     ids = torch.randint(0, cfg.vocab_size, (4, 1), device=DEVICE)
@@ -379,8 +380,87 @@ def test_fusion_switch_runs_the_parts(fused_counter, monkeypatch):
 
 @pytest.mark.parametrize("kw", [dict(), dict(norm=True, glu="silu"), dict(gate=True, norm=True, norm_group=64,
                                                                           residual=True),
-                                dict(add=True, norm=True, glu="gelu_tanh", residual=True)])
+                                dict(add=True, norm=True, glu="gelu_tanh", residual=True),
+                                dict(norm=True, conv=dict(start=2048, channels=3072, width=4, activation="silu",
+                                                          bias=False)),
+                                dict(conv=dict(start=0, channels=7, width=2, activation=None, bias=True))])
 def test_variant_names_round_trip(kw):
-    name = gemv.variant_name(**kw)
-    want = {**dict(add=False, gate=False, norm=False, glu=None, residual=False, norm_group=0), **kw}
+    conv = kw.get("conv")
+    name = gemv.variant_name(**dict(kw, conv=gemv.conv_variant(kern.ConvUpdate(
+        None, torch.empty(conv["channels"], conv["width"]), torch.empty(1) if conv["bias"] else None,
+        conv["start"], conv["activation"])) if conv else None))
+    want = {**dict(add=False, gate=False, norm=False, glu=None, residual=False, norm_group=0, conv=None), **kw}
     assert gemv._parse_variant(name) == want
+
+
+# ---------------------------------------------------------------------------- conv epilogue (Mamba in_proj)
+@pytest.mark.parametrize("N,K,start,C,W,bias,act,state_dtype", [
+    (40, 48, 5, 30, 4, False, "silu", torch.float32), (40, 48, 0, 40, 4, True, "silu", torch.bfloat16),
+    (33, 17, 9, 1, 3, True, None, torch.float32), (16, 64, 3, 13, 2, False, "silu", torch.bfloat16),
+    (7, 16, 2, 5, 1, True, "silu", torch.float32)])
+def test_gemv_conv_epilogue_matches_reference(N, K, start, C, W, bias, act, state_dtype):
+    """Rows [start, start + C) of the projection go through a causal conv step (state shifted in place):
+    outputs of every row and the state after two steps equal the reference (norm prologue on)."""
+    g = torch.Generator().manual_seed(N + C + W)
+    dt = torch.bfloat16
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dt)   # noqa: E731
+    x, w, nw = mk(1, K), (torch.randn(N, K, generator=g) / K ** 0.5).to(DEVICE, dt), mk(K)
+    cw, cb = mk(C, W), (mk(C) if bias else None)
+    state = torch.randn(1, C, W - 1, generator=g).to(DEVICE, state_dtype)
+    for cfg in (kern.CANDIDATES[0], kern.GemvConfig(2, 16, 1, 1), kern.GemvConfig(16, 32, 4, 2)):
+        s_got, s_want = state.clone(), state.clone()
+        for step in range(2):
+            xs = x if step == 0 else mk(1, K)
+            got = kern.gemv_triton(xs, w, None, cfg, norm_weight=nw, eps=1e-5,
+                                   conv=kern.ConvUpdate(s_got, cw, cb, start, act))
+            want = ref.gemv_fused_reference(xs, w, None, norm_weight=nw, eps=1e-5,
+                                            conv=kern.ConvUpdate(s_want, cw, cb, start, act))
+            torch.testing.assert_close(got.float(), want.float(), **_tol(dt))
+            torch.testing.assert_close(s_got.float(), s_want.float(), **_tol(dt))
+        assert not torch.equal(s_got, state) or W == 1                  # the state did move
+
+
+def test_gemv_conv_epilogue_rejects_bad_inputs():
+    x, w = torch.randn(1, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE)
+    cw = torch.randn(4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="not inside the 8 output rows"):
+        kern.gemv_triton(x, w, conv=kern.ConvUpdate(torch.zeros(4, 3, device=DEVICE), cw, None, 6))
+    with pytest.raises(ValueError, match="must be \\(1, C, W-1\\)"):
+        kern.gemv_triton(x, w, conv=kern.ConvUpdate(torch.zeros(4, 2, device=DEVICE), cw, None, 0))
+    with pytest.raises(ValueError, match="activation must be"):
+        kern.gemv_triton(x, w, conv=kern.ConvUpdate(torch.zeros(4, 3, device=DEVICE), cw, None, 0, "relu"))
+    with pytest.raises(ValueError, match="does not combine"):
+        kern.gemv_triton(x, w, residual=torch.zeros(1, 8, device=DEVICE),
+                         conv=kern.ConvUpdate(torch.zeros(4, 3, device=DEVICE), cw, None, 0))
+    with pytest.raises(ValueError, match="combines with a norm only"):
+        gemv.fused_linear(x, w, residual=torch.zeros(1, 8, device=DEVICE),
+                          conv=kern.ConvUpdate(torch.zeros(4, 3, device=DEVICE), cw, None, 0))
+
+
+def test_fused_linear_conv_equals_the_unfused_ops(fused_counter, monkeypatch):
+    """fused_linear(norm, conv): the kernel path (conv rows overwritten in y) against the unfused path
+    (linear, then the conv op): same conv output, same other rows, same state, over three steps."""
+    from hybridize.layers.norm import RMSNorm
+    torch.manual_seed(1)
+    dt = torch.bfloat16
+    K, N, start, C, W = 32, 50, 12, 30, 4
+    w = (torch.randn(N, K, dtype=dt) / 6).to(DEVICE)
+    cw, cb = torch.randn(C, W, dtype=dt).to(DEVICE), torch.randn(C, dtype=dt).to(DEVICE)
+    norm = RMSNorm(K, 1e-5).to(DEVICE, dt)
+    conv_s = lambda s: kern.ConvUpdate(s, cw, cb, start, "silu")   # noqa: E731
+    _register(monkeypatch, (w, False), variants=(f"norm+{gemv.conv_variant(conv_s(None))}",))
+    s_got = torch.randn(1, C, W - 1, device=DEVICE)
+    s_want = s_got.clone()
+    keep = torch.cat([torch.arange(start), torch.arange(start + C, N)]).to(DEVICE)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(1, K, dtype=dt).to(DEVICE)
+            y, c = gemv.fused_linear(x, w, norm=norm, conv=conv_s(s_got))
+            monkeypatch.setenv("HYBRIDIZE_KERNELS", "0")
+            y_ref, c_ref = gemv.fused_linear(x, w, norm=norm, conv=conv_s(s_want))
+            monkeypatch.setenv("HYBRIDIZE_KERNELS", "1")
+            assert c.shape == c_ref.shape == (1, C)
+            torch.testing.assert_close(c.float(), c_ref.float(), atol=5e-2, rtol=3e-2)
+            torch.testing.assert_close(y[:, keep].float(), y_ref[:, keep].float(), atol=5e-2, rtol=3e-2)
+            torch.testing.assert_close(s_got, s_want, atol=5e-2, rtol=3e-2)
+    assert len(fused_counter) == 3

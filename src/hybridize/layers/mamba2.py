@@ -51,7 +51,7 @@ from hybridize.layers.base import Mixer, MixerState
 from hybridize.layers.norm import GatedRMSNorm
 from hybridize.ops import conv1d as conv_ops
 from hybridize.ops import ssd as ssd_ops
-from hybridize.ops.gemv import fused_linear
+from hybridize.ops.gemv import ConvUpdate, fused_linear
 
 
 @dataclass
@@ -233,17 +233,22 @@ class Mamba2Mixer(Mixer):
     def step(self, x: Tensor, state: Mamba2State, norm: Optional[nn.Module] = None,
              residual: bool = False) -> Tensor:
         """One token x (B, D) → y (B, D), of ``norm(x)`` when a norm is given (x + y with `residual`);
-        state.conv and state.ssm are updated in place. At batch-1 decode the norms, the gate and the
-        residual add run inside the in / out GEMVs."""
+        state.conv and state.ssm are updated in place. At batch-1 decode the norms, the conv step, the gate
+        and the residual add run inside the in / out GEMVs."""
         Bsz = x.shape[0]
-        proj = fused_linear(x, self.in_proj.weight, self.in_proj.bias, norm=norm) if norm is not None \
-            else self.in_proj(x)
-        z, xbc, dt = torch.split(proj, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xbc = conv_ops.causal_conv1d_update(xbc, state.conv, self._conv_weight(), self.conv1d.bias,
-                                            activation="silu")
-        xh, Bm, Cm = self._split_xbc(xbc)
-        y = ssd_ops.ssd_step(xh, dt, self._A(), Bm, Cm, state.ssm, D=self._D(), dt_bias=self.dt_bias,
-                             dt_softplus=True, dt_limit=self.dt_limit)
+        # in_proj (+ the pre-norm) and the conv step on its xBC rows: one kernel at batch-1 decode (the
+        # GEMV's epilogue owns its rows' conv channels), the linear then the conv op otherwise
+        conv = ConvUpdate(state.conv, self._conv_weight(), self.conv1d.bias, self.d_inner, "silu")
+        proj, xbc = fused_linear(x, self.in_proj.weight, self.in_proj.bias, norm=norm, conv=conv)
+        z, dt = proj[..., :self.d_inner], proj[..., self.d_inner + self.conv_dim:]
+        # Views of the conv output, NOT repeated: x (B, n_kv, P), B (B, n_kv, N), C (B, H, N) for the
+        # MIL layout; x (B, H, P), B/C (B, G, N) otherwise. The step kernel maps head h to its rows and
+        # computes A = -exp(A_log) itself, so no copy / exp kernels run around it.
+        xh, Bm, Cm = torch.split(xbc, self.xbc_sizes, dim=-1)
+        xh, Bm, Cm = (xh.unflatten(-1, (-1, self.headdim)), Bm.unflatten(-1, (-1, self.d_state)),
+                      Cm.unflatten(-1, (-1, self.d_state)))
+        y = ssd_ops.ssd_step(xh, dt, None, Bm, Cm, state.ssm, D=self._D(), dt_bias=self.dt_bias,
+                             dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log)
         return fused_linear(y.reshape(Bsz, self.d_inner), self.out_proj.weight, self.out_proj.bias,
                             norm=self.norm, gate=z, residual=x if residual else None)
 

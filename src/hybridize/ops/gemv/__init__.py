@@ -26,6 +26,7 @@ from torch import Tensor
 
 from hybridize.ops._dispatch import use_kernels
 from hybridize.ops.gemv.reference import GLU_ACTS, gemv_fused_reference, gemv_reference
+from hybridize.ops.gemv.triton import ConvUpdate
 
 #: (device type, device index, dtype, N, K, has_bias[, variant]) → (block_n, block_k, num_warps,
 #: num_stages), or None: cuBLAS (plain) / the separate ops (fused variants) won. Read inside compiled code:
@@ -62,22 +63,33 @@ def _disk_key(weight: Tensor, has_bias: bool, variant: str = "plain") -> str:
 
 
 def variant_name(add: bool = False, gate: bool = False, norm: bool = False, glu: Optional[str] = None,
-                 residual: bool = False, norm_group: int = 0) -> str:
+                 residual: bool = False, norm_group: int = 0, conv: Optional[str] = None) -> str:
     """'plain' or the fused parts joined by '+', e.g. 'norm+glu:silu', 'gate+norm:64+res' (a norm over groups
-    of 64 channels)."""
+    of 64 channels), 'norm+conv:2048:3072:4:silu:nobias' (`conv_variant`)."""
     parts = [n for n, on in (("add", add), ("gate", gate)) if on]
     parts += [f"norm:{norm_group}" if norm_group else "norm"] if norm else []
     parts += [f"glu:{glu}"] if glu else []
     parts += ["res"] if residual else []
+    parts += [conv] if conv else []
     return "+".join(parts) or "plain"
+
+
+def conv_variant(conv: "ConvUpdate") -> str:
+    """The variant part of a conv epilogue: 'conv:<start>:<channels>:<width>:<activation>:<bias|nobias>'."""
+    return (f"conv:{int(conv.start)}:{conv.weight.shape[0]}:{conv.weight.shape[-1]}:{conv.activation or 'none'}:"
+            f"{'bias' if conv.bias is not None else 'nobias'}")
 
 
 def _parse_variant(variant: str) -> dict:
     parts = set() if variant == "plain" else set(variant.split("+"))
     glu = next((p.split(":", 1)[1] for p in parts if p.startswith("glu:")), None)
     norm = next((p for p in parts if p == "norm" or p.startswith("norm:")), None)
+    conv = next((p.split(":")[1:] for p in parts if p.startswith("conv:")), None)
     return dict(add="add" in parts, gate="gate" in parts, norm=norm is not None, glu=glu, residual="res" in parts,
-                norm_group=int(norm.split(":")[1]) if norm and ":" in norm else 0)
+                norm_group=int(norm.split(":")[1]) if norm and ":" in norm else 0,
+                conv=None if conv is None else dict(start=int(conv[0]), channels=int(conv[1]), width=int(conv[2]),
+                                                    activation=None if conv[3] == "none" else conv[3],
+                                                    bias=conv[4] == "bias"))
 
 
 class recording:
@@ -141,11 +153,34 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- fused decode GEMV
-def _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu, cfg):
+def _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu, cfg,
+               conv=None):
     from hybridize.ops.gemv.triton import GemvConfig, gemv_triton
     out = gemv_triton(x, weight, bias, GemvConfig(*cfg), add=add, gate=gate, norm_weight=norm_weight, eps=eps,
-                      norm_offset=norm_offset, norm_group=norm_group, glu=glu or None, residual=residual)
+                      norm_offset=norm_offset, norm_group=norm_group, glu=glu or None, residual=residual,
+                      conv=conv)
     return out if add is not None else (out, x.new_empty(0))
+
+
+def _conv_update(conv_state, conv_weight, conv_bias, conv_start, conv_act):
+    from hybridize.ops.gemv.triton import ConvUpdate
+    return ConvUpdate(conv_state, conv_weight, conv_bias, conv_start, conv_act or None)
+
+
+@torch.library.custom_op("hybridize::gemv_fused_conv", mutates_args=("conv_state",))
+def _gemv_fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
+                        eps: float, norm_offset: float, conv_state: Tensor, conv_weight: Tensor,
+                        conv_bias: Optional[Tensor], conv_start: int, conv_act: str, block_n: int, block_k: int,
+                        num_warps: int, num_stages: int) -> Tensor:
+    conv = _conv_update(conv_state, conv_weight, conv_bias, conv_start, conv_act)
+    return _run_fused(x, weight, bias, None, None, norm_weight, None, eps, norm_offset, 0, "",
+                      (block_n, block_k, num_warps, num_stages), conv)[0]
+
+
+@_gemv_fused_conv_op.register_fake
+def _(x, weight, bias, norm_weight, eps, norm_offset, conv_state, conv_weight, conv_bias, conv_start, conv_act,
+      block_n, block_k, num_warps, num_stages):
+    return x.new_empty(1, weight.shape[0])
 
 
 @torch.library.custom_op("hybridize::gemv_fused", mutates_args=())
@@ -187,7 +222,7 @@ def _norm_params(norm: nn.Module, gated: bool) -> Optional[tuple]:
 
 def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, add: Optional[Tensor] = None,
                  norm: Optional[nn.Module] = None, gate: Optional[Tensor] = None, glu: Optional[str] = None,
-                 residual: Optional[Tensor] = None):
+                 residual: Optional[Tensor] = None, conv: Optional["ConvUpdate"] = None):
     """A decode-step matmul with its neighbours fused in; x (..., K) → y (..., N) [, h (..., K)]:
 
         h = x + add;  u = norm(h) (or norm(h, gate): Mamba-2's gated RMSNorm);  z = linear(u, weight, bias)
@@ -196,22 +231,39 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
     `h` (the residual stream) is returned too when `add` is given. For one row on CUDA with a tuned shape
     this is one Triton kernel (`triton.gemv_triton`; the RMSNorm's mean is taken in the same pass over K, so
     nothing extra is read); otherwise the modules / ops run one after another, exactly as unfused code
-    would. In fp32 inside the kernel: results differ from the unfused ops by the roundings skipped."""
+    would. In fp32 inside the kernel: results differ from the unfused ops by the roundings skipped.
+
+    conv (a `ConvUpdate`, with at most a norm besides): Mamba's in_proj → conv1d step. Returns (y, c): c
+    (..., C) = causal_conv1d_update(y[..., start:start + C], conv.state, ...) (the state advanced in place),
+    y the projection; in the kernel path c is a view of y (its conv rows overwritten), otherwise the
+    conv op's output (y untouched) — read only the other rows of y."""
     if gate is not None and norm is None:
         raise ValueError("fused_linear: gate is applied inside the gated norm; pass norm=GatedRMSNorm(...) too")
     if glu is not None and glu not in GLU_ACTS:
         raise ValueError(f"fused_linear: glu must be one of {sorted(GLU_ACTS)}, got {glu!r}")
+    if conv is not None and (add is not None or gate is not None or glu is not None or residual is not None):
+        raise ValueError("fused_linear: a conv epilogue combines with a norm only (no add / gate / glu / residual)")
     nparams = _norm_params(norm, gate is not None) if norm is not None else None
     extras = [t for t in (add, gate, residual) if t is not None]
     cfg = None
     if _FUSION_WANTED[0] and (norm is None or nparams is not None) \
-            and all(t.dtype == x.dtype and t.device == x.device for t in extras):
+            and all(t.dtype == x.dtype and t.device == x.device for t in extras) \
+            and (conv is None or conv.state.device == x.device):
         variant = variant_name(add is not None, gate is not None, norm is not None, glu, residual is not None,
-                               nparams[3] if nparams is not None else 0)
+                               nparams[3] if nparams is not None else 0, conv_variant(conv) if conv else None)
         cfg = _gemv_config(x, weight, bias, variant)
     if cfg is not None:
         nw, eps, off, group = nparams if nparams is not None else (None, 0.0, 0.0, 0)
         K = weight.shape[-1]
+        if conv is not None:
+            cargs = (x.reshape(1, K), weight, bias, nw, eps, off, conv.state, conv.weight, conv.bias,
+                     int(conv.start), conv.activation or "")
+            if torch.compiler.is_compiling():
+                y = torch.ops.hybridize.gemv_fused_conv(*cargs, *cfg)
+            else:
+                y = _run_fused(x.reshape(1, K), weight, bias, None, None, nw, None, eps, off, 0, "", cfg, conv)[0]
+            y = y.view(*x.shape[:-1], y.shape[-1])
+            return y, y[..., conv.start:conv.start + conv.weight.shape[0]]
         args = (x.reshape(1, K), weight, bias, add, gate, nw, residual, eps, off, group, glu or "")
         if torch.compiler.is_compiling():
             y, h = torch.ops.hybridize.gemv_fused(*args, *cfg)
@@ -227,6 +279,14 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
         z = GLU_ACTS[glu](g) * up
     if residual is not None:
         z = residual + z
+    if conv is not None:
+        from hybridize.ops import conv1d as conv_ops
+        C = conv.weight.shape[0]
+        lead = z.shape[:-1]
+        state = conv.state if conv.state.dim() == 3 else conv.state[None]
+        c = conv_ops.causal_conv1d_update(z.reshape(-1, z.shape[-1])[:, conv.start:conv.start + C], state,
+                                          conv.weight, conv.bias, activation=conv.activation)
+        return z, c.view(*lead, C)
     return (z, h) if add is not None else z
 
 
@@ -336,8 +396,9 @@ def _graph_time_us(fn_per_copy, copies: int, reps: int = 20) -> float:
 
 #: what a fused kernel must beat: the plain GEMV plus what the separate kernels it replaces cost in a
 #: CUDA-graph replayed decode step (H100 profiles, benchmarks/results/decode_gemv_h100.json: an RMSNorm
-#: 1.6-1.9 µs, act(gate)·up 1.1-1.2 µs; a residual add mostly rides along with the next norm kernel)
-SAVED_US = {"norm": 1.5, "glu": 1.0, "add": 0.5, "res": 0.5, "gate": 0.0}
+#: 1.6-1.9 µs, act(gate)·up 1.1-1.2 µs; a residual add mostly rides along with the next norm kernel;
+#: Mamba-2's conv update 2.1 µs, decode_fused_gemv_h100.json)
+SAVED_US = {"norm": 1.5, "glu": 1.0, "add": 0.5, "res": 0.5, "gate": 0.0, "conv": 2.0}
 
 
 def _saved_us(variant: str) -> float:
@@ -349,9 +410,21 @@ def _variant_inputs(variant: str, N: int, K: int, dtype, device) -> dict:
     v = _parse_variant(variant)
     n_out = N // 2 if v["glu"] else N
     mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)   # noqa: E731
+    conv = None
+    if v["conv"] is not None:
+        c = v["conv"]
+        conv = ConvUpdate(torch.randn(1, c["channels"], c["width"] - 1, device=device),
+                          mk(c["channels"], c["width"]), mk(c["channels"]) if c["bias"] else None, c["start"],
+                          c["activation"])
     return dict(add=mk(1, K) if v["add"] else None, gate=mk(1, K) if v["gate"] else None,
                 norm_weight=mk(K) if v["norm"] else None, eps=1e-5, norm_group=v["norm_group"], glu=v["glu"],
-                residual=mk(1, n_out) if v["residual"] else None)
+                residual=mk(1, n_out) if v["residual"] else None, conv=conv)
+
+
+def _fresh_conv(fused: dict) -> dict:
+    """`fused` with a copy of its conv state (the checks must all start from the same state)."""
+    conv = fused.get("conv")
+    return fused if conv is None else dict(fused, conv=conv._replace(state=conv.state.clone()))
 
 
 def tune_shape(N: int, K: int, dtype: torch.dtype, device, has_bias: bool = False,
@@ -390,13 +463,13 @@ def tune_shape(N: int, K: int, dtype: torch.dtype, device, has_bias: bool = Fals
                 ys[i] = gemv_triton(x, ws[i], b, cfg)
         rec["plain_us"] = _graph_time_us(base, copies)
         rec["baseline_us"] = rec["plain_us"] + _saved_us(variant)
-        want = gemv_fused_reference(x, ws[0], b, **fused)
+        want = gemv_fused_reference(x, ws[0], b, **_fresh_conv(fused))
         want = (want[0] if isinstance(want, tuple) else want).float()
     best = None
     for cand in dict.fromkeys(_clip(c, n_out, K) for c in CANDIDATES):
         cfg = (cand.block_n, cand.block_k, cand.num_warps, cand.num_stages)
         try:
-            got = gemv_triton(x, ws[0], b, cand, **fused)
+            got = gemv_triton(x, ws[0], b, cand, **_fresh_conv(fused))
             got = (got[0] if isinstance(got, tuple) else got).float()
             if not torch.allclose(got, want, atol=3e-2, rtol=3e-2):
                 rec["all"][str(cfg)] = "mismatch"
@@ -473,5 +546,5 @@ def prepare_decode_gemv(model: nn.Module, tune: bool = True) -> dict:
     return out
 
 
-__all__ = ["linear", "fused_linear", "gemv_fusion_wanted", "variant_name", "recording", "gemv_fused_reference", "GemvLinear", "route_linears_", "unroute_linears_", "prepare_decode_gemv", "tune_shape",
+__all__ = ["linear", "fused_linear", "ConvUpdate", "conv_variant", "gemv_fusion_wanted", "variant_name", "recording", "gemv_fused_reference", "GemvLinear", "route_linears_", "unroute_linears_", "prepare_decode_gemv", "tune_shape",
            "gemv_reference", "gemv_wanted"]

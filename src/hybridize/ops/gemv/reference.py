@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridize.ops.conv1d.reference import causal_conv1d_update
+
 #: the GLU activations the fused epilogue supports
 GLU_ACTS = {
     "silu": F.silu,
@@ -27,7 +29,8 @@ def gemv_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
 def gemv_fused_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                          add: Optional[Tensor] = None, gate: Optional[Tensor] = None,
                          norm_weight: Optional[Tensor] = None, eps: float = 0.0, norm_offset: float = 0.0,
-                         norm_group: int = 0, glu: Optional[str] = None, residual: Optional[Tensor] = None):
+                         norm_group: int = 0, glu: Optional[str] = None, residual: Optional[Tensor] = None,
+                         conv=None):
     """The fused decode GEMV, one input row x (1, K), in fp32 with one rounding per output:
 
         h = round(x + add)                       (the residual stream, in x's dtype; h = x without add)
@@ -37,6 +40,7 @@ def gemv_fused_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         z = u · Wᵀ + b
         y = act(z[:, :N']) · z[:, N':]           (glu: W holds the gate rows, then the up rows; N' = N / 2)
         y = y + residual                         (optional)
+        y[s:s+C] = conv_step(round(y[s:s+C]))    (conv: a `triton.ConvUpdate`; its state updated in place)
 
     Returns y (1, N or N') in x's dtype, and h too when `add` is given."""
     h = x if add is None else (x.float() + add.float()).to(x.dtype)
@@ -56,6 +60,10 @@ def gemv_fused_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if residual is not None:
         z = z + residual.float().reshape(1, -1)
     y = z.to(x.dtype)
+    if conv is not None:
+        lo, C = conv.start, conv.weight.shape[0]
+        state = conv.state if conv.state.dim() == 3 else conv.state[None]
+        y[:, lo:lo + C] = causal_conv1d_update(y[:, lo:lo + C], state, conv.weight, conv.bias, conv.activation)
     return (y, h.reshape(1, -1)) if add is not None else y
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -35,17 +35,22 @@ def _build():
     @triton.jit
     def _gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
                      Add, Hout, Gate, NormW, Res, eps, norm_offset,
+                     CS, CW, CB, conv_lo, conv_dim, scs_c, scs_w, scw_c, scw_w,
                      HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                      HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
                      NORM_GROUP: tl.constexpr, GLU: tl.constexpr,
                      HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64):
+                     PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
+                     CONV: tl.constexpr = 0, CONV_BIAS: tl.constexpr = 0, CONV_W: tl.constexpr = 4,
+                     CONV_WP: tl.constexpr = 4):
         # Optional prologue on the input row (every program sees all of K, so each can do it alone):
         #   h = round(x + add) (program 0 writes h: the residual stream), h *= silu(gate),
         #   rmsnorm: h *= (norm_offset + normw) and rstd = rsqrt(mean(h²) + eps), a scalar applied to the
         #   dot products at the end (so the mean needs no second pass over K).
         # Optional epilogue: GLU (rows [0, N) are the gate, rows [N, 2N) the up projection of the same
-        # weight tensor: y = act(gate) * up) and + residual.
+        # weight tensor: y = act(gate) * up) and + residual; or a causal depthwise conv update of rows
+        # [conv_lo, conv_lo + conv_dim) (CONV = 1: no activation, 2: silu): each program owns its rows'
+        # conv channels, so it reads and shifts their state (CS (C, W-1)) with no race.
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -63,6 +68,19 @@ def _build():
                     _prefetch_l2(W + (prow + N)[:, None] * stride_wn + pk[None, :])
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        if CONV != 0:   # the conv's loads are issued before the K loop: their latency hides behind it
+            cc = rn - conv_lo
+            cmask = (cc >= 0) & (cc < conv_dim) & (rn < N)
+            cc = tl.where(cmask, cc, 0).to(tl.int64)
+            tap = tl.arange(0, CONV_WP)
+            old = tl.load(CS + cc[:, None] * scs_c + tap[None, :] * scs_w,
+                          mask=cmask[:, None] & (tap[None, :] < CONV_W - 1), other=0.0)
+            nxt = tl.load(CS + cc[:, None] * scs_c + (tap[None, :] + 1) * scs_w,      # old shifted one tap
+                          mask=cmask[:, None] & (tap[None, :] + 1 < CONV_W - 1), other=0.0)
+            cwt = tl.load(CW + cc[:, None] * scw_c + tap[None, :] * scw_w,
+                          mask=cmask[:, None] & (tap[None, :] < CONV_W), other=0.0).to(tl.float32)
+            if CONV_BIAS:
+                cb = tl.load(CB + cc, mask=cmask, other=0.0).to(tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             kmask = kk < K
@@ -119,6 +137,20 @@ def _build():
             y = y * up
         if HAS_RES:
             y += tl.load(Res + rn, mask=rn < N, other=0.0).to(tl.float32)
+        if CONV != 0:
+            # the conv input is the projection rounded to the output dtype (what the unfused ops see);
+            # window = [state taps, input], state ← window[1:]
+            pre = y.to(Y.dtype.element_ty)
+            win = tl.where(tap[None, :] == CONV_W - 1, pre.to(tl.float32)[:, None], old.to(tl.float32))
+            yc = tl.sum(win * cwt, axis=1)
+            if CONV_BIAS:
+                yc += cb
+            if CONV == 2:
+                yc = yc * tl.sigmoid(yc)
+            new = tl.where(tap[None, :] == CONV_W - 2, pre.to(CS.dtype.element_ty)[:, None], nxt)
+            tl.store(CS + cc[:, None] * scs_c + tap[None, :] * scs_w, new,
+                     mask=cmask[:, None] & (tap[None, :] < CONV_W - 1))
+            y = tl.where(cmask, yc, y)
         tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
 
     return _gemv_kernel
@@ -126,6 +158,42 @@ def _build():
 
 #: GLU activations of the fused gate/up epilogue (kernel constexpr codes)
 GLU_CODES = {"silu": 1, "gelu_tanh": 2, "gelu": 3}
+#: activations of the conv epilogue (kernel constexpr codes)
+CONV_ACTS = {None: 1, "silu": 2}
+
+
+class ConvUpdate(NamedTuple):
+    """A causal depthwise conv step on output rows [start, start + C) of a decode GEMV (Mamba's in_proj →
+    conv1d): state (C, W-1) or (1, C, W-1), updated in place (any strides); weight (C, W); bias (C,) or
+    None; activation None or "silu". Same semantics as `hybridize.ops.conv1d.causal_conv1d_update`."""
+    state: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    start: int
+    activation: Optional[str] = "silu"
+
+
+def _conv_args(conv: Optional[ConvUpdate], N: int, x: Tensor, other_epilogue: bool):
+    """(positional args, constexpr keywords) of the conv epilogue; placeholders without one."""
+    if conv is None:
+        return (x, x, x, 0, 0, 0, 0, 0, 0), {}
+    state = conv.state[0] if conv.state.dim() == 3 else conv.state
+    C, W = conv.weight.shape[0], conv.weight.shape[-1]
+    if conv.weight.dim() != 2 or tuple(state.shape) != (C, W - 1) or conv.state.dim() == 3 and conv.state.shape[0] != 1:
+        raise ValueError(f"gemv: conv state {tuple(conv.state.shape)} must be (1, C, W-1) or (C, W-1) for a conv "
+                         f"weight (C, W) = {tuple(conv.weight.shape)}")
+    if not 0 <= conv.start <= N - C:
+        raise ValueError(f"gemv: conv rows [{conv.start}, {conv.start + C}) are not inside the {N} output rows")
+    if conv.activation not in CONV_ACTS:
+        raise ValueError(f"gemv: conv activation must be None or 'silu', got {conv.activation!r}")
+    if conv.bias is not None and conv.bias.numel() != C:
+        raise ValueError(f"gemv: conv bias must have {C} elements, got {tuple(conv.bias.shape)}")
+    if other_epilogue:
+        raise ValueError("gemv: the conv epilogue does not combine with glu or residual")
+    args = (state, conv.weight, conv.bias if conv.bias is not None else x, int(conv.start), C,
+            state.stride(0), state.stride(1) if W > 1 else 0, *conv.weight.stride())
+    return args, dict(CONV=CONV_ACTS[conv.activation], CONV_BIAS=conv.bias is not None, CONV_W=W,
+                      CONV_WP=max(2, 1 << (W - 1).bit_length()))
 
 
 @dataclass(frozen=True)
@@ -173,7 +241,7 @@ def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 config: Optional[GemvConfig] = None, *, add: Optional[Tensor] = None,
                 gate: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, eps: float = 0.0,
                 norm_offset: float = 0.0, norm_group: int = 0, glu: Optional[str] = None,
-                residual: Optional[Tensor] = None):
+                residual: Optional[Tensor] = None, conv: Optional[ConvUpdate] = None):
     """x (1, K) (or (K,)), weight (N, K) with unit stride along K, bias (N,) or None → y (1, N) in x's dtype.
 
     Fused extras (see `reference.gemv_fused_reference` for the exact definition):
@@ -181,7 +249,9 @@ def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     gate (K,): times silu(gate); norm_weight (K,): RMS-normalised (eps, norm_offset + norm_weight) over all
     of K, or over groups of `norm_group` channels (the config's block_k must be a multiple of it);
     glu ("silu" / "gelu_tanh" / "gelu"): weight holds gate rows then up rows (2·N', K) → y (1, N') =
-    act(gate) · up; residual (N,): added at the end. Returns y, or (y, h) when `add` is given."""
+    act(gate) · up; residual (N,): added at the end; conv (`ConvUpdate`): output rows [start, start + C)
+    are the input of a causal depthwise conv step (state updated in place; no glu / residual with it).
+    Returns y, or (y, h) when `add` is given."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _build()
@@ -204,6 +274,7 @@ def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             raise ValueError(f"gemv: {what} must have {n} elements, got {tuple(t.shape)}")
         return t.reshape(n).contiguous()
 
+    cargs, ckw = _conv_args(conv, N, x, glu is not None or residual is not None)
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
     h = torch.empty(1, K, device=x.device, dtype=x.dtype) if add is not None else None
     cfg = _clip(config or CANDIDATES[0], max(N, 1), K)
@@ -215,11 +286,11 @@ def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         _KERNEL[(max(1, math.ceil(N / cfg.block_n)),)](
             x, weight, bias if bias is not None else x, y, N, K, weight.stride(0),
             vec(add, K, "add"), h if h is not None else x, vec(gate, K, "gate"), vec(norm_weight, K, "norm_weight"),
-            vec(residual, N, "residual"), float(eps), float(norm_offset),
+            vec(residual, N, "residual"), float(eps), float(norm_offset), *cargs,
             HAS_BIAS=bias is not None, EVEN_N=N > 0 and N % cfg.block_n == 0, EVEN_K=K % cfg.block_k == 0,
             HAS_ADD=add is not None, HAS_GATE=gate is not None, NORM=norm_weight is not None,
             NORM_GROUP=norm_group,
             GLU=GLU_CODES[glu] if glu is not None else 0, HAS_RES=residual is not None,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **_pdl_args(x.device, N, K, cfg.block_k, weight.element_size()))
+            **ckw, **_pdl_args(x.device, N, K, cfg.block_k, weight.element_size()))
     return (y, h) if add is not None else y
