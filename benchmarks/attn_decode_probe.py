@@ -98,18 +98,12 @@ def main(argv=None):
     floor = _graph_us(lambda: [_touch[(1,)](scratch[i], 64) for i in range(Lx)], args.reps)
     out["trivial_chain_us"] = floor
     print("16 trivial kernels:", floor, flush=True)
-    # (earlier sweeps: fill / warps / merge_bs / RoPE, attn_decode_probe*_h100.json; this one: the
-    # merge in the last split program instead of a merge kernel, longer K/V tiles, deeper pipelines)
-    ml = dict(merge_last=True)
-    variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("merge last", ml, "1"),
-                ("merge last pdl off", ml, "0"), ("merge last fill 1", dict(ml, fill=1), "1"),
-                ("merge last fill 4", dict(ml, fill=4), "1"), ("merge last warps 4", dict(ml, warps=4), "1"),
-                ("block 128", dict(block_n=128), "1"), ("merge last block 128", dict(ml, block_n=128), "1"),
-                ("merge last block 128 fill 1", dict(ml, block_n=128, fill=1), "1"),
-                ("stages 3", dict(stages=3), "1"), ("merge last stages 3", dict(ml, stages=3), "1"),
-                ("merge last block 128 stages 3", dict(ml, block_n=128, stages=3), "1"),
-                ("merge last block 32 fill 4", dict(ml, block_n=32, fill=4), "1"),
-                ("merge last single max 8", dict(ml, single_max_blocks=8), "1")]
+    # earlier sweeps (attn_decode_probe*_h100.json): fill / warps / merge_bs / RoPE; merge in the last split
+    # program instead of a merge kernel (commit 08de3f1, attn_decode_probe3_h100.json: slower, dropped)
+    variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("fill 1", dict(fill=1), "1"),
+                ("block 128", dict(block_n=128), "1"), ("block 128 fill 1", dict(block_n=128, fill=1), "1"),
+                ("stages 3", dict(stages=3), "1"), ("block 32 fill 4", dict(block_n=32, fill=4), "1"),
+                ("no rope", {}, "1")]
     if args.variants:
         keep = set(args.variants.split(","))
         variants = [v for v in variants if v[0] in keep]
@@ -144,14 +138,9 @@ def main(argv=None):
             out["rows"].append(rec)
         if str(n) in args.profile.split(","):
             os.environ["HYBRIDIZE_PDL"] = "0"
-            for name, tune in (("default", {}), ("merge last", ml)):
-                saved = dict(td.FUSED_TUNE)
-                td.FUSED_TUNE.update(tune)
-                prof = _profile(step_default(q, k, v, inv_freq, kc, vc, lens, reset, Lx, P))
-                td.FUSED_TUNE.clear()
-                td.FUSED_TUNE.update(saved)
-                out.setdefault("profiles", {})[f"{n} {name}"] = prof
-                print("profile", n, name, prof, flush=True)
+            prof = _profile(step_default(q, k, v, inv_freq, kc, vc, lens, reset, Lx, P))
+            out.setdefault("profiles", {})[str(n)] = prof
+            print("profile", n, prof, flush=True)
             os.environ.pop("HYBRIDIZE_PDL", None)
     out["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
     if args.json_out:

@@ -70,6 +70,7 @@ def main():
     nw = torch.ones(256, dtype=bf)
     gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), norm_weight=nw, eps=1e-5, glu="silu")
     gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), add=x, residual=torch.zeros(512, dtype=bf))
+    gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), residual=torch.zeros(512, dtype=bf), prefetch_whole=True)
     gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), norm_weight=nw, eps=1e-5,     # Mamba's in_proj + conv
                 conv=ConvUpdate(torch.zeros(1, 300, 3), torch.randn(300, 4, dtype=bf), None, 100))
     B, H, Hkv, P, C = 2, 8, 2, 64, 256
@@ -79,9 +80,6 @@ def main():
         att._decode_attention_fused_impl(q, k, k.clone(), torch.ones(32), kc, kc.clone(), torch.full((B,), n), 0,
                                          0.125, 1.0, False)
     att._decode_attention_impl(q.transpose(1, 2).contiguous(), kc, kc.clone(), torch.tensor([250] * B), 0, 0.125)
-    att.FUSED_TUNE["merge_last"] = True     # split kernel that merges in its last program (fence, atomics)
-    att._decode_attention_fused_impl(q, k, k.clone(), torch.ones(32), kc, kc.clone(), torch.full((B,), 250), 0,
-                                     0.125, 1.0, False)
     conv._update_impl(torch.randn(2, 256, dtype=bf), torch.zeros(2, 256, 3, dtype=bf),
                       torch.randn(256, 4, dtype=bf), None, True)
     rglru._step_impl(torch.randn(2, 256), torch.rand(2, 256), torch.zeros(2, 256))

@@ -50,6 +50,9 @@ _SINGLE_SPLIT_MAX_BLOCKS = 4
 #: merge's warps, and how many times over the splits fill the GPU (`_tiles`: at batch 1 the merge of
 #: ~66 splits per kv head took longer than the split kernel; 8 warps + fill 2 took 22.9 vs 33.1 µs a
 #: layer at 8k tokens, 10.3 vs 12.7 at 1k). The unfused kernels (batch > 1) keep 4 warps and fill 4.
+#: Optional keys: "block_n" (cache slots per tile; 128 and 32 were slower at 1-8k tokens), "single_max_blocks",
+#: "precise". A merge done by the last split program (atomic counters, no merge kernel) was slower too
+#: (22-26 vs 22.7 µs a layer at 8k; attn_decode_probe3_h100.json) and was dropped.
 FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, merge_bs=1, merge_warps=4, fill=2)
 
 
@@ -128,38 +131,6 @@ def _build_kernels():
         tl.store(Ao + base[:, None] * BLOCK_P + p[None, :], acc)
 
     @triton.jit
-    def _merge_partials(Mo, Lo, Ao, pid, S, rr, p, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                        BLOCK_S: tl.constexpr, CG: tl.constexpr):
-        """Combine the S splits' partial softmax states (m, l, acc) of program `pid`'s rows rr (a subset of
-        its BLOCK_R rows) → (acc (len(rr), BLOCK_P), l). BLOCK_S splits per iteration; CG: load at L2
-        (".cg": partials written by other programs of the same launch must not come from a stale L1)."""
-        m = tl.full(rr.shape, float("-inf"), tl.float32)
-        l = tl.zeros(rr.shape, tl.float32)
-        acc = tl.zeros([rr.shape[0], BLOCK_P], tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            sids = s0 + tl.arange(0, BLOCK_S)
-            smask = sids < S
-            base = (pid * S + sids)[:, None] * BLOCK_R + rr[None, :]              # (BLOCK_S, rows)
-            if CG:
-                ms = tl.load(Mo + base, mask=smask[:, None], other=float("-inf"), cache_modifier=".cg")
-                ls = tl.load(Lo + base, mask=smask[:, None], other=0.0, cache_modifier=".cg")
-                a_s = tl.load(Ao + base[:, :, None] * BLOCK_P + p[None, None, :], mask=smask[:, None, None],
-                              other=0.0, cache_modifier=".cg")
-            else:
-                ms = tl.load(Mo + base, mask=smask[:, None], other=float("-inf"))
-                ls = tl.load(Lo + base, mask=smask[:, None], other=0.0)
-                a_s = tl.load(Ao + base[:, :, None] * BLOCK_P + p[None, None, :], mask=smask[:, None, None],
-                              other=0.0)
-            m_new = tl.maximum(m, tl.max(ms, 0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            w_old = tl.exp2(m - m_use)
-            w_new = tl.exp2(ms - m_use[None, :])
-            l = l * w_old + tl.sum(ls * w_new, 0)
-            acc = acc * w_old[:, None] + tl.sum(a_s * w_new[:, :, None], 0)
-            m = m_new
-        return acc, l
-
-    @triton.jit
     def _merge_kernel(Mo, Lo, Ao, Out, N0, sob, sot, soh, sop, Hkv, G, R, P, S, RB, T,
                       INC_LENGTHS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                       BLOCK_S: tl.constexpr = 1, PDL: tl.constexpr = 0):
@@ -174,9 +145,26 @@ def _build_kernels():
         rr = tl.arange(0, BLOCK_R)
         r = rb * BLOCK_R + rr
         p = tl.arange(0, BLOCK_P)
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
         # BLOCK_S splits per iteration: at batch 1 a long context has ~60 splits for 8 programs, and one
         # split at a time made the merge a chain of dependent load latencies
-        acc, l = _merge_partials(Mo, Lo, Ao, pid, S, rr, p, BLOCK_R, BLOCK_P, BLOCK_S, False)
+        for s0 in range(0, S, BLOCK_S):
+            sids = s0 + tl.arange(0, BLOCK_S)
+            smask = sids < S
+            base = (pid * S + sids)[:, None] * BLOCK_R + rr[None, :]              # (BLOCK_S, BLOCK_R)
+            ms = tl.load(Mo + base, mask=smask[:, None], other=float("-inf"))
+            ls = tl.load(Lo + base, mask=smask[:, None], other=0.0)
+            a_s = tl.load(Ao + base[:, :, None] * BLOCK_P + p[None, None, :], mask=smask[:, None, None],
+                          other=0.0)
+            m_new = tl.maximum(m, tl.max(ms, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            w_old = tl.exp2(m - m_use)
+            w_new = tl.exp2(ms - m_use[None, :])
+            l = l * w_old + tl.sum(ls * w_new, 0)
+            acc = acc * w_old[:, None] + tl.sum(a_s * w_new[:, :, None], 0)
+            m = m_new
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         t = r // G
         h = j * G + r % G
@@ -186,13 +174,6 @@ def _build_kernels():
             # the split kernel (the only reader of lengths) has finished: one program per row advances it
             if (j == 0) & (rb == 0):
                 tl.store(N0 + b, tl.load(N0 + b) + T)
-
-    @triton.jit
-    def _fence_gpu(x):
-        """fence.acq_rel.gpu in every thread (x: any int32 tensor, returned unchanged): this thread's
-        earlier stores are ordered before a later release by any thread of the program."""
-        return tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [x],
-                                         dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _rope_tables(pos, p, IF, HALF, rope_scale, INTERLEAVED: tl.constexpr, PRECISE: tl.constexpr):
@@ -237,20 +218,16 @@ def _build_kernels():
     # closures as the compiler does
     globals()["_rope_tables"] = _rope_tables
     globals()["_load_rope"] = _load_rope
-    globals()["_merge_partials"] = _merge_partials
-    globals()["_fence_gpu"] = _fence_gpu
 
     @triton.jit
-    def _fused_split_kernel(Q, Kn, Vn, IF, Kc, Vc, N0, Cnt, GCnt, Mo, Lo, Ao, Out,
+    def _fused_split_kernel(Q, Kn, Vn, IF, Kc, Vc, N0, Cnt, Mo, Lo, Ao, Out,
                             sqb, sqt, sqh, sqp, snb, snt, snh, snp, sub, sut, suh, sup,
                             skb, skh, skc, skp, svb, svh, svc, svp, sob, sot, soh, sop,
                             Hkv, C, T, G, R, P, S, RB, HALF, slots_per_split, window, qk_scale, rope_scale,
                             HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr,
                             INTERLEAVED: tl.constexpr, PRECISE: tl.constexpr, SINGLE: tl.constexpr,
                             ONE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = 0,
-                            MERGE_LAST: tl.constexpr = 0, BLOCK_S: tl.constexpr = 1, BLOCK_RM: tl.constexpr = 16,
-                            FENCE: tl.constexpr = 0):
+                            BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = 0):
         if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -377,30 +354,6 @@ def _build_kernels():
             tl.store(Mo + base, m_i)
             tl.store(Lo + base, l_i)
             tl.store(Ao + base[:, None] * BLOCK_P + p[None, :], acc)
-            if MERGE_LAST:
-                # no merge kernel: the last of the S splits of (row, kv head, row block) to get here merges
-                # them (a per-program counter in GCnt; every thread fences its partial stores first), and
-                # the last merger of row b advances lengths (the per-row counter, as in the SINGLE path)
-                if FENCE:
-                    _fence_gpu(tl.zeros([BLOCK_R], tl.int32))
-                tl.debug_barrier()
-                done = tl.atomic_add(GCnt + pid, 1)
-                if done == S - 1:
-                    for r0 in tl.static_range(0, BLOCK_R, BLOCK_RM):   # real rows only (R < BLOCK_R at T=1)
-                        if rb * BLOCK_R + r0 < R:
-                            rr = r0 + tl.arange(0, BLOCK_RM)
-                            am, lm = _merge_partials(Mo, Lo, Ao, pid, S, rr, p, BLOCK_R, BLOCK_P, BLOCK_S, True)
-                            rm = rb * BLOCK_R + rr
-                            tm = rm // G
-                            hm = j * G + rm % G
-                            tl.store(Out + b * sob + tm[:, None] * sot + hm[:, None] * soh + p[None, :] * sop,
-                                     (am / tl.where(lm > 0, lm, 1.0)[:, None]).to(Out.dtype.element_ty),
-                                     mask=(rm < R)[:, None] & pmask[None, :])
-                    tl.store(GCnt + pid, 0)
-                    rdone = tl.atomic_add(Cnt + b, 1)
-                    if rdone == Hkv * RB - 1:
-                        tl.store(N0 + b, n0 + T)
-                        tl.store(Cnt + b, 0)
 
     return triton, _split_kernel, _merge_kernel, _fused_split_kernel
 
@@ -552,10 +505,8 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
                                                                  int(FUSED_TUNE["fill"]),
                                                                  int(FUSED_TUNE.get("block_n") or 0))
     programs = B * Hkv * RB
-    merge_last = S > 1 and bool(FUSED_TUNE.get("merge_last", False))
-    counters = _row_counters(q.device, B + (programs if merge_last else 0)) if S == 1 or merge_last else None
-    single = S == 1 and counters is not None
-    merge_last = merge_last and counters is not None
+    counters = _row_counters(q.device, B) if S == 1 else None
+    single = counters is not None
     inv_freq = inv_freq.to(torch.float32).contiguous()
     half = inv_freq.numel()
     if 2 * half > P:
@@ -567,12 +518,9 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         Mo = torch.empty(programs * S * BLOCK_R, **f32)
         Lo = torch.empty(programs * S * BLOCK_R, **f32)
         Ao = torch.empty(programs * S * BLOCK_R * BLOCK_P, **f32)
-        counters = counters if merge_last else lengths        # unused without merge_last
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    BLOCK_RM = max(1, min(BLOCK_R, _next_pow2(R)))
+        counters = lengths                                    # unused
     fused_split[(programs, S)](
-        q, k, v, inv_freq, k_cache, v_cache, lengths, counters, counters[B:] if merge_last else counters,
-        Mo, Lo, Ao, out,
+        q, k, v, inv_freq, k_cache, v_cache, lengths, counters, Mo, Lo, Ao, out,
         *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         Hkv, C, T, G, R, P, S, RB, half, blocks_per_split * BLOCK_N, int(window),
         float(scale) * 1.4426950408889634, float(rope_scale),
@@ -580,11 +528,9 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         PRECISE=os.environ.get("TRITON_INTERPRET") != "1" and FUSED_TUNE.get("precise", True), SINGLE=single,
         ONE=T == 1, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)),
-        MERGE_LAST=merge_last, BLOCK_RM=BLOCK_RM, FENCE=merge_last and not interp,
-        BLOCK_S=max(1, min(_next_pow2(S), 16384 // (BLOCK_RM * BLOCK_P))),
         num_warps=int(FUSED_TUNE["single_warps" if single else "warps"]), num_stages=int(FUSED_TUNE["stages"]),
         **pdl_launch(q.device))
-    if not single and not merge_last:
+    if not single:
         _merge(merge_kernel, Mo, Lo, Ao, out, lengths, Hkv, G, R, P, S, RB, T, BLOCK_R, BLOCK_P,
                inc_lengths=True)
     return out
