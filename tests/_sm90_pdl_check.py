@@ -70,7 +70,6 @@ def main():
     nw = torch.ones(256, dtype=bf)
     gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), norm_weight=nw, eps=1e-5, glu="silu")
     gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), add=x, residual=torch.zeros(512, dtype=bf))
-    gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), residual=torch.zeros(512, dtype=bf), prefetch_whole=True)
     gemv_triton(x, w, None, GemvConfig(2, 128, 4, 3), norm_weight=nw, eps=1e-5,     # Mamba's in_proj + conv
                 conv=ConvUpdate(torch.zeros(1, 300, 3), torch.randn(300, 4, dtype=bf), None, 100))
     B, H, Hkv, P, C = 2, 8, 2, 64, 256

@@ -28,23 +28,6 @@ def test_pdl_only_on_capable_cuda_devices(monkeypatch):
     assert pdl.pdl_launch(torch.device("cuda", 0)) == {"PDL": 0}
 
 
-def test_gemv_prefetch_amount(monkeypatch):
-    """The GEMV's pre-wait L2 prefetch: each row's first 256 elements, whole rows (capped, power of two)
-    after a latency-bound kernel, none without PDL; the environment switches override."""
-    from hybridize.ops.gemv.triton import _pdl_args
-    dev = torch.device("cuda", 0)
-    assert _pdl_args(torch.device("cpu"), 2048, 2048, 1024, 2, True) == {"PDL": 0}
-    monkeypatch.setattr(pdl, "_device_supports", lambda index: True)
-    assert _pdl_args(dev, 2048, 2048, 1024, 2)["PREFETCH"] == 256
-    assert _pdl_args(dev, 2048, 2048, 1024, 2, True)["PREFETCH"] == 2048
-    assert _pdl_args(dev, 64, 100, 128, 2, True) == {"PDL": 1, "launch_pdl": True, "PREFETCH": 128, "LINE": 64}
-    assert _pdl_args(dev, 64, 65536, 1024, 2, True)["PREFETCH"] == 16384
-    monkeypatch.setenv("HYBRIDIZE_PDL_PREFETCH_WHOLE", "0")
-    assert _pdl_args(dev, 2048, 2048, 1024, 2, True)["PREFETCH"] == 256
-    monkeypatch.setenv("HYBRIDIZE_PDL_PREFETCH", "0")
-    assert "PREFETCH" not in _pdl_args(dev, 2048, 2048, 1024, 2, True)
-
-
 def _compiled_kernels():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -289,7 +289,7 @@ class Attention(FusedProjections, Mixer):
         """o_proj(out) (+ residual, fused into the batch-1 GEMV)."""
         if residual is None:
             return self.o_proj(out)
-        return fused_linear(out, self.o_proj.weight, self.o_proj.bias, residual=residual, after_latency_bound=True)
+        return fused_linear(out, self.o_proj.weight, self.o_proj.bias, residual=residual)
 
     def _attend_cache_sdpa(self, q: Tensor, state: KVCache, n0: Tensor, T: int) -> Tensor:
         """q (B, H, T, P) of the tokens at n0 + t, already written → (B, T, H, P) via SDPA with a slot mask.

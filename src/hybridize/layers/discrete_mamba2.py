@@ -175,7 +175,7 @@ class DiscreteMamba2Mixer(Mixer):
                              z=z.reshape(Bsz, self.n_v_heads, self.headdim), log_decay=log_decay)
         y = y.reshape(Bsz, self.d_inner)
         if residual:
-            return fused_linear(y, self.out_proj.weight, self.out_proj.bias, residual=x, after_latency_bound=True)
+            return fused_linear(y, self.out_proj.weight, self.out_proj.bias, residual=x)
         return self.out_proj(y)
 
     def mixing_matrix(self, x: Tensor, *, seq_idx: Optional[Tensor] = None) -> Tensor:

@@ -250,7 +250,7 @@ class Mamba2Mixer(Mixer):
         y = ssd_ops.ssd_step(xh, dt, None, Bm, Cm, state.ssm, D=self._D(), dt_bias=self.dt_bias,
                              dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log)
         return fused_linear(y.reshape(Bsz, self.d_inner), self.out_proj.weight, self.out_proj.bias,
-                            norm=self.norm, gate=z, residual=x if residual else None, after_latency_bound=True)
+                            norm=self.norm, gate=z, residual=x if residual else None)
 
     def mixing_matrix(self, x: Tensor, *, seq_idx: Optional[Tensor] = None) -> Tensor:
         """M (B, H, L, L) fp32 with y_pre[:, t, h] = sum_s M[:, h, t, s] v[:, s, h], where v is the

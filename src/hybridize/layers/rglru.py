@@ -235,8 +235,7 @@ class RGLRUBlock(FusedProjections, Mixer):
         state.lengths.add_(1)
         g = h.to(y_branch.dtype) * y_branch
         if residual:
-            return fused_linear(g, self.linear_out.weight, self.linear_out.bias, residual=x,
-                                after_latency_bound=True)
+            return fused_linear(g, self.linear_out.weight, self.linear_out.bias, residual=x)
         return self.linear_out(g)
 
     def init_state(self, batch_size: int, *, max_seqlen: Optional[int] = None, device=None,

@@ -154,11 +154,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
 # ---------------------------------------------------------------------------- fused decode GEMV
 def _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu, cfg,
-               conv=None, prefetch_whole=False):
+               conv=None):
     from hybridize.ops.gemv.triton import GemvConfig, gemv_triton
     out = gemv_triton(x, weight, bias, GemvConfig(*cfg), add=add, gate=gate, norm_weight=norm_weight, eps=eps,
                       norm_offset=norm_offset, norm_group=norm_group, glu=glu or None, residual=residual,
-                      conv=conv, prefetch_whole=prefetch_whole)
+                      conv=conv)
     return out if add is not None else (out, x.new_empty(0))
 
 
@@ -187,14 +187,14 @@ def _(x, weight, bias, norm_weight, eps, norm_offset, conv_state, conv_weight, c
 def _gemv_fused_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Tensor],
                    gate: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
                    norm_offset: float, norm_group: int, glu: str, block_n: int, block_k: int, num_warps: int,
-                   num_stages: int, prefetch_whole: bool = False) -> Tuple[Tensor, Tensor]:
+                   num_stages: int) -> Tuple[Tensor, Tensor]:
     return _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu,
-                      (block_n, block_k, num_warps, num_stages), prefetch_whole=prefetch_whole)
+                      (block_n, block_k, num_warps, num_stages))
 
 
 @_gemv_fused_op.register_fake
 def _(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu, block_n, block_k,
-      num_warps, num_stages, prefetch_whole=False):
+      num_warps, num_stages):
     N = weight.shape[0] // 2 if glu else weight.shape[0]
     return x.new_empty(1, N), (x.new_empty(1, x.shape[-1]) if add is not None else x.new_empty(0))
 
@@ -222,8 +222,7 @@ def _norm_params(norm: nn.Module, gated: bool) -> Optional[tuple]:
 
 def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, add: Optional[Tensor] = None,
                  norm: Optional[nn.Module] = None, gate: Optional[Tensor] = None, glu: Optional[str] = None,
-                 residual: Optional[Tensor] = None, conv: Optional["ConvUpdate"] = None,
-                 after_latency_bound: bool = False):
+                 residual: Optional[Tensor] = None, conv: Optional["ConvUpdate"] = None):
     """A decode-step matmul with its neighbours fused in; x (..., K) → y (..., N) [, h (..., K)]:
 
         h = x + add;  u = norm(h) (or norm(h, gate): Mamba-2's gated RMSNorm);  z = linear(u, weight, bias)
@@ -237,10 +236,7 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
     conv (a `ConvUpdate`, with at most a norm besides): Mamba's in_proj → conv1d step. Returns (y, c): c
     (..., C) = causal_conv1d_update(y[..., start:start + C], conv.state, ...) (the state advanced in place),
     y the projection; in the kernel path c is a view of y (its conv rows overwritten), otherwise the
-    conv op's output (y untouched) — read only the other rows of y.
-
-    after_latency_bound: the kernel before this one is latency-bound (attention, a state update): the
-    GEMV prefetches all of its weight into L2 while that one runs (PDL; see `triton._pdl_args`)."""
+    conv op's output (y untouched) — read only the other rows of y."""
     if gate is not None and norm is None:
         raise ValueError("fused_linear: gate is applied inside the gated norm; pass norm=GatedRMSNorm(...) too")
     if glu is not None and glu not in GLU_ACTS:
@@ -270,9 +266,9 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
             return y, y[..., conv.start:conv.start + conv.weight.shape[0]]
         args = (x.reshape(1, K), weight, bias, add, gate, nw, residual, eps, off, group, glu or "")
         if torch.compiler.is_compiling():
-            y, h = torch.ops.hybridize.gemv_fused(*args, *cfg, after_latency_bound)
+            y, h = torch.ops.hybridize.gemv_fused(*args, *cfg)
         else:
-            y, h = _run_fused(*args, cfg, prefetch_whole=after_latency_bound)
+            y, h = _run_fused(*args, cfg)
         y = y.view(*x.shape[:-1], y.shape[-1])
         return (y, h.view(x.shape)) if add is not None else y
     h = x if add is None else x + add

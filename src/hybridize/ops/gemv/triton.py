@@ -221,22 +221,19 @@ def _clip(cfg: GemvConfig, N: int, K: int) -> GemvConfig:
     return GemvConfig(bn, bk, cfg.num_warps, cfg.num_stages)
 
 
-def _pdl_args(device, N: int, K: int, block_k: int, elem_bytes: int, whole: bool = False) -> dict:
+def _pdl_args(device, N: int, K: int, block_k: int, elem_bytes: int) -> dict:
     """PDL launch keywords (hybridize.ops.pdl) plus the L2 prefetch of each row's first elements before the
     wait (HYBRIDIZE_PDL_PREFETCH elements, default 256: 512 bytes a bf16 row; 0: none). On the H100
     (benchmarks/results/pdl_probe_h100.json, a 16-layer GEMV chain) PDL alone gained 2.3 %, with a
     256-element prefetch 3.1 %; 1024 / 2048 / 8192 elements lost 3-6 % (prefetch instructions and L2 traffic).
-    `whole`: prefetch whole rows (up to 16k elements) — for a GEMV whose predecessor is latency-bound (the
-    attention / state-update kernel before an out-projection), whose HBM bandwidth would idle otherwise;
-    HYBRIDIZE_PDL_PREFETCH_WHOLE=0 turns it off (A/B)."""
+    Prefetching the whole weight of the out-projections that follow a latency-bound kernel (attention, the
+    SSD step: idle HBM while they run) did not help either: 931 vs 943 tokens/s for the 1.2 B Transformer
+    (benchmarks/results/decode_b1_prefetch_h100.json / decode_b1_noprefetch_h100.json)."""
     args = pdl_launch(device)
     if args["PDL"] and N > 0:
-        k_pow2 = 1 << max(0, (K - 1).bit_length())
-        if whole and os.environ.get("HYBRIDIZE_PDL_PREFETCH_WHOLE", "1") != "0":
-            want = min(k_pow2, 16384)
-        else:
-            want = int(os.environ.get("HYBRIDIZE_PDL_PREFETCH", 256))
+        want = int(os.environ.get("HYBRIDIZE_PDL_PREFETCH", 256))
         line = max(1, 128 // elem_bytes)
+        k_pow2 = 1 << max(0, (K - 1).bit_length())
         n = min(1 << max(0, (max(want, 1) - 1).bit_length()), k_pow2)
         if want > 0 and n >= line:
             args.update(PREFETCH=n, LINE=line)
@@ -247,7 +244,7 @@ def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 config: Optional[GemvConfig] = None, *, add: Optional[Tensor] = None,
                 gate: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, eps: float = 0.0,
                 norm_offset: float = 0.0, norm_group: int = 0, glu: Optional[str] = None,
-                residual: Optional[Tensor] = None, conv: Optional[ConvUpdate] = None, prefetch_whole: bool = False):
+                residual: Optional[Tensor] = None, conv: Optional[ConvUpdate] = None):
     """x (1, K) (or (K,)), weight (N, K) with unit stride along K, bias (N,) or None → y (1, N) in x's dtype.
 
     Fused extras (see `reference.gemv_fused_reference` for the exact definition):
@@ -256,8 +253,7 @@ def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     of K, or over groups of `norm_group` channels (the config's block_k must be a multiple of it);
     glu ("silu" / "gelu_tanh" / "gelu"): weight holds gate rows then up rows (2·N', K) → y (1, N') =
     act(gate) · up; residual (N,): added at the end; conv (`ConvUpdate`): output rows [start, start + C)
-    are the input of a causal depthwise conv step (state updated in place; no glu / residual with it);
-    prefetch_whole: under PDL, prefetch all of W into L2 while the previous kernel runs (`_pdl_args`).
+    are the input of a causal depthwise conv step (state updated in place; no glu / residual with it).
     Returns y, or (y, h) when `add` is given."""
     global _KERNEL
     if _KERNEL is None:
@@ -299,6 +295,5 @@ def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             NORM_GROUP=norm_group,
             GLU=GLU_CODES[glu] if glu is not None else 0, HAS_RES=residual is not None,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **ckw, **_pdl_args(x.device, N * (2 if glu is not None else 1), K, cfg.block_k, weight.element_size(),
-                               prefetch_whole))
+            **ckw, **_pdl_args(x.device, N, K, cfg.block_k, weight.element_size()))
     return (y, h) if add is not None else y
