@@ -58,6 +58,7 @@ JITFunction.run = _compile_instead
 
 
 def main():
+    from hybridize.ops.argmax import triton as argmax
     from hybridize.ops.attention import triton_decode as att
     from hybridize.ops.conv1d import triton as conv
     from hybridize.ops.gemv.triton import ConvUpdate, GemvConfig, gemv_triton
@@ -82,6 +83,7 @@ def main():
     conv._update_impl(torch.randn(2, 256, dtype=bf), torch.zeros(2, 256, 3, dtype=bf),
                       torch.randn(256, 4, dtype=bf), None, True)
     rglru._step_impl(torch.randn(2, 256), torch.rand(2, 256), torch.zeros(2, 256))
+    argmax.argmax_triton(torch.randn(1, 5000, dtype=bf))      # the greedy step's argmax (two kernels)
     u = torch.randn(2, 512, dtype=bf)
     ss._step_impl(u, u.clone(), -torch.rand(512, 16), torch.randn(2, 1, 16, dtype=bf),
                   torch.randn(2, 1, 16, dtype=bf), torch.zeros(2, 512, 16), torch.ones(512), None, None, True)
