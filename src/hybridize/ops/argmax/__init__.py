@@ -3,16 +3,15 @@ logits, torch's argmax otherwise; both give torch's index (first maximum, NaN as
 from torch import Tensor
 
 from hybridize.ops._dispatch import use_kernels
+from hybridize.ops.argmax import triton as kernels  # triton itself is imported on first launch
 from hybridize.ops.argmax.reference import argmax_reference
 
 
 def argmax(x: Tensor) -> Tensor:
     """x (..., V) → int64 (...)."""
-    from hybridize.ops.argmax.triton import CHUNK
-    if x.dtype.is_floating_point and x.shape[-1] >= 2 * CHUNK and x.numel() and use_kernels(x):
-        from hybridize.ops.argmax.triton import argmax_triton
+    if x.dtype.is_floating_point and x.shape[-1] >= 2 * kernels.CHUNK and x.numel() and use_kernels(x):
         lead = x.shape[:-1]
-        return argmax_triton(x.reshape(-1, x.shape[-1])).view(lead)
+        return kernels.argmax_triton(x.reshape(-1, x.shape[-1])).view(lead)
     return argmax_reference(x)
 
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridize.ops import conv1d as conv_ops
 from hybridize.ops._dispatch import use_kernels
 from hybridize.ops.gemv.reference import GLU_ACTS, gemv_fused_reference, gemv_reference
 from hybridize.ops.gemv.triton import ConvUpdate
@@ -162,17 +163,12 @@ def _run_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offs
     return out if add is not None else (out, x.new_empty(0))
 
 
-def _conv_update(conv_state, conv_weight, conv_bias, conv_start, conv_act):
-    from hybridize.ops.gemv.triton import ConvUpdate
-    return ConvUpdate(conv_state, conv_weight, conv_bias, conv_start, conv_act or None)
-
-
 @torch.library.custom_op("hybridize::gemv_fused_conv", mutates_args=("conv_state",))
 def _gemv_fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
                         eps: float, norm_offset: float, conv_state: Tensor, conv_weight: Tensor,
                         conv_bias: Optional[Tensor], conv_start: int, conv_act: str, block_n: int, block_k: int,
                         num_warps: int, num_stages: int) -> Tensor:
-    conv = _conv_update(conv_state, conv_weight, conv_bias, conv_start, conv_act)
+    conv = ConvUpdate(conv_state, conv_weight, conv_bias, conv_start, conv_act or None)
     return _run_fused(x, weight, bias, None, None, norm_weight, None, eps, norm_offset, 0, "",
                       (block_n, block_k, num_warps, num_stages), conv)[0]
 
@@ -280,7 +276,6 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
     if residual is not None:
         z = residual + z
     if conv is not None:
-        from hybridize.ops import conv1d as conv_ops
         C = conv.weight.shape[0]
         lead = z.shape[:-1]
         state = conv.state if conv.state.dim() == 3 else conv.state[None]
