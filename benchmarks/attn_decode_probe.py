@@ -98,12 +98,13 @@ def main(argv=None):
     floor = _graph_us(lambda: [_touch[(1,)](scratch[i], 64) for i in range(Lx)], args.reps)
     out["trivial_chain_us"] = floor
     print("16 trivial kernels:", floor, flush=True)
-    # earlier sweeps (attn_decode_probe*_h100.json): fill / warps / merge_bs / RoPE; merge in the last split
-    # program instead of a merge kernel (commit 08de3f1, attn_decode_probe3_h100.json: slower, dropped)
+    # earlier sweeps (attn_decode_probe*_h100.json): fill / warps / merge_bs / RoPE / block 128 / block 32 /
+    # stages 3; merge in the last split program instead of a merge kernel (commit 08de3f1,
+    # attn_decode_probe3_h100.json: slower, dropped). Session 8: the merge loads all splits of a row at once
     variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("fill 1", dict(fill=1), "1"),
-                ("block 128", dict(block_n=128), "1"), ("block 128 fill 1", dict(block_n=128, fill=1), "1"),
-                ("stages 3", dict(stages=3), "1"), ("block 32 fill 4", dict(block_n=32, fill=4), "1"),
-                ("no rope", {}, "1")]
+                ("fill 3", dict(fill=3), "1"), ("fill 4", dict(fill=4), "1"),
+                ("merge warps 2", dict(merge_warps=2), "1"), ("merge warps 1", dict(merge_warps=1), "1"),
+                ("merge bs 16", dict(merge_bs=16), "1"), ("no rope", {}, "1")]
     if args.variants:
         keep = set(args.variants.split(","))
         variants = [v for v in variants if v[0] in keep]

@@ -210,10 +210,10 @@ def profile_step(model, batch, context, args, device) -> list:
     from torch.profiler import ProfilerActivity, profile
 
     cache = alloc_cache(model, batch, context + 64, device=device, state_dtype=STATE_DTYPES[args.state_dtype])
+    runner = StepRunner(model, cache, batch, "auto", fuse=args.fuse)     # (its capture zeroes the cache)
     for st in cache.states:          # attention reads `context` cached tokens (their values do not matter)
         if hasattr(st, "lengths"):
             st.lengths.fill_(context)
-    runner = StepRunner(model, cache, batch, "auto", fuse=args.fuse)
     tok = torch.zeros(batch, dtype=torch.long, device=device)
     for _ in range(3):
         runner(tok)

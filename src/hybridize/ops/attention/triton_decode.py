@@ -53,7 +53,7 @@ _SINGLE_SPLIT_MAX_BLOCKS = 4
 #: Optional keys: "block_n" (cache slots per tile; 128 and 32 were slower at 1-8k tokens), "single_max_blocks",
 #: "precise". A merge done by the last split program (atomic counters, no merge kernel) was slower too
 #: (22-26 vs 22.7 µs a layer at 8k; attn_decode_probe3_h100.json) and was dropped.
-FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, merge_bs=1, merge_warps=4, fill=2)
+FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, merge_bs=64, merge_warps=4, fill=2)
 
 
 def _next_pow2(n: int) -> int:
@@ -133,46 +133,46 @@ def _build_kernels():
     @triton.jit
     def _merge_kernel(Mo, Lo, Ao, Out, N0, sob, sot, soh, sop, Hkv, G, R, P, S, RB, T,
                       INC_LENGTHS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                      BLOCK_S: tl.constexpr = 1, PDL: tl.constexpr = 0):
+                      BLOCK_S: tl.constexpr = 64, PDL: tl.constexpr = 0):
+        # grid (split-kernel program (b, j, rb), query row of its block): one output row per program, its
+        # BLOCK_S splits' (max, sum, acc) loaded in one go. At batch 1 a long context has ~30 splits per
+        # (kv head, row): folding them one at a time was a chain of dependent L2 round trips (~10 µs at 8k)
         if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0).to(tl.int64)
+        rr = tl.program_id(1)
         rb = pid % RB
         bj = pid // RB
         b = bj // Hkv
         j = bj % Hkv
-        rr = tl.arange(0, BLOCK_R)
         r = rb * BLOCK_R + rr
-        p = tl.arange(0, BLOCK_P)
-        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_R], tl.float32)
-        acc = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
-        # BLOCK_S splits per iteration: at batch 1 a long context has ~60 splits for 8 programs, and one
-        # split at a time made the merge a chain of dependent load latencies
-        for s0 in range(0, S, BLOCK_S):
-            sids = s0 + tl.arange(0, BLOCK_S)
-            smask = sids < S
-            base = (pid * S + sids)[:, None] * BLOCK_R + rr[None, :]              # (BLOCK_S, BLOCK_R)
-            ms = tl.load(Mo + base, mask=smask[:, None], other=float("-inf"))
-            ls = tl.load(Lo + base, mask=smask[:, None], other=0.0)
-            a_s = tl.load(Ao + base[:, :, None] * BLOCK_P + p[None, None, :], mask=smask[:, None, None],
-                          other=0.0)
-            m_new = tl.maximum(m, tl.max(ms, 0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            w_old = tl.exp2(m - m_use)
-            w_new = tl.exp2(ms - m_use[None, :])
-            l = l * w_old + tl.sum(ls * w_new, 0)
-            acc = acc * w_old[:, None] + tl.sum(a_s * w_new[:, :, None], 0)
-            m = m_new
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]
-        t = r // G
-        h = j * G + r % G
-        tl.store(Out + b * sob + t[:, None] * sot + h[:, None] * soh + p[None, :] * sop,
-                 out.to(Out.dtype.element_ty), mask=(r < R)[:, None] & (p < P)[None, :])
+        if r < R:
+            p = tl.arange(0, BLOCK_P)
+            m = tl.full([1], float("-inf"), tl.float32)
+            l = tl.zeros([1], tl.float32)
+            acc = tl.zeros([BLOCK_P], tl.float32)
+            for s0 in range(0, S, BLOCK_S):
+                sids = s0 + tl.arange(0, BLOCK_S)
+                smask = sids < S
+                base = (pid * S + sids) * BLOCK_R + rr                                     # (BLOCK_S,)
+                ms = tl.load(Mo + base, mask=smask, other=float("-inf"))
+                ls = tl.load(Lo + base, mask=smask, other=0.0)
+                a_s = tl.load(Ao + base[:, None] * BLOCK_P + p[None, :], mask=smask[:, None], other=0.0)
+                m_new = tl.maximum(m, tl.max(ms, 0))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                w_old = tl.exp2(m - m_use)
+                w_new = tl.exp2(ms - m_use)                                                # (BLOCK_S,)
+                l = l * w_old + tl.sum(ls * w_new, 0)
+                acc = acc * w_old + tl.sum(a_s * w_new[:, None], 0)
+                m = m_new
+            out = acc / tl.where(l > 0, l, 1.0)
+            t = r // G
+            h = j * G + r % G
+            tl.store(Out + b * sob + t * sot + h * soh + p * sop, out.to(Out.dtype.element_ty), mask=p < P)
         if INC_LENGTHS:
             # the split kernel (the only reader of lengths) has finished: one program per row advances it
-            if (j == 0) & (rb == 0):
+            if (j == 0) & (rb == 0) & (rr == 0):
                 tl.store(N0 + b, tl.load(N0 + b) + T)
 
     @triton.jit
@@ -398,13 +398,13 @@ def _tiles(B: int, Hkv: int, R: int, C: int, P: int, device, single_max_blocks: 
 
 def _merge(merge_kernel, Mo, Lo, Ao, out, lengths, Hkv, G, R, P, S, RB, T, BLOCK_R, BLOCK_P, *,
            inc_lengths: bool):
-    """The merge launch (one program per (row, kv head, row block)): the S splits' partial softmax
-    states → out (and lengths += T when `inc_lengths`)."""
+    """The merge launch (one program per (row, kv head, row block) × query row of the block): the S splits'
+    partial softmax states → out (and lengths += T when `inc_lengths`)."""
     programs = out.shape[0] * Hkv * RB
-    merge_kernel[(programs,)](Mo, Lo, Ao, out, lengths, *out.stride(), Hkv, G, R, P, S, RB, T,
-                              INC_LENGTHS=inc_lengths, BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P,
-                              BLOCK_S=min(_next_pow2(S), int(FUSED_TUNE["merge_bs"])),
-                              num_warps=int(FUSED_TUNE["merge_warps"]), **pdl_launch(out.device))
+    merge_kernel[(programs, min(BLOCK_R, R))](
+        Mo, Lo, Ao, out, lengths, *out.stride(), Hkv, G, R, P, S, RB, T, INC_LENGTHS=inc_lengths,
+        BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_S=min(_next_pow2(S), int(FUSED_TUNE["merge_bs"])),
+        num_warps=int(FUSED_TUNE["merge_warps"]), **pdl_launch(out.device))
 
 
 def _ieee(dtype) -> bool:
