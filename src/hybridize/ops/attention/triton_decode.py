@@ -46,14 +46,15 @@ _SINGLE_SPLIT_MAX_BLOCKS = 4
 #: launch parameters (benchmarks/attn_decode_probe.py sweeps them; H100 results in
 #: benchmarks/results/attn_decode_probe_h100.json): warps of the fused kernel's split path and of its
 #: single-split path (latency-bound: 8 warps took 6.2 vs 9.8 µs a layer at 64 cached tokens), its
-#: pipeline stages, splits per merge iteration (8 was 1.5-2 x slower than 1 at 1-8k tokens) and the
-#: merge's warps, and how many times over the splits fill the GPU (`_tiles`: at batch 1 the merge of
-#: ~66 splits per kv head took longer than the split kernel; 8 warps + fill 2 took 22.9 vs 33.1 µs a
-#: layer at 8k tokens, 10.3 vs 12.7 at 1k). The unfused kernels (batch > 1) keep 4 warps and fill 4.
+#: pipeline stages, splits loaded per merge iteration and the merge's warps, and how many times over the
+#: splits fill the GPU (`_tiles`: 8 warps + fill 2 took 22.9 vs 33.1 µs a layer at 8k tokens, 10.3 vs 12.7
+#: at 1k). The merge runs one program per output row and loads all its splits at once: 15.3 vs 22.7 µs a
+#: layer at 8k with 4 warps, 14.4 with 1 warp (6.9 / 10.6 / 14.4 µs at 1k / 4k / 8k;
+#: attn_decode_probe_s8_h100.json). The unfused kernels (batch > 1) keep 4 warps and fill 4.
 #: Optional keys: "block_n" (cache slots per tile; 128 and 32 were slower at 1-8k tokens), "single_max_blocks",
 #: "precise". A merge done by the last split program (atomic counters, no merge kernel) was slower too
 #: (22-26 vs 22.7 µs a layer at 8k; attn_decode_probe3_h100.json) and was dropped.
-FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, merge_bs=64, merge_warps=4, fill=2)
+FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, merge_bs=64, merge_warps=1, fill=2)
 
 
 def _next_pow2(n: int) -> int:
