@@ -16,73 +16,156 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from hybridize.ops.pdl import pdl_launch
 
-_KERNELS = None
+
+@triton.jit
+def _dot(w, xt, acc, IEEE: tl.constexpr):
+    if IEEE:        # fp32 weights: exact fp32 products (no TF32)
+        return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(w, xt.to(w.dtype), acc)
 
 
-def _build():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _skinny_kernel(X, W, Bias, Y, Part, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
-                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PDL: tl.constexpr = 0):
-        # program (n-block, k-split): acc (BLOCK_N, BLOCK_M) over K range [k0, k0 + k_per_split)
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
-        rk = tl.arange(0, BLOCK_K)
-        nmask = rn < N
-        mmask = rm < M
-        w_rows = W + tl.where(nmask, rn, 0).to(tl.int64)[:, None] * stride_wn    # int64: the head's N·K > 2³¹
-        x_rows = X + rm[:, None] * stride_xm
-        k_lo = pid_k * k_per_split
-        if PDL:     # hybridize.ops.pdl: x may be written by the previous kernel
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
-            kk = k0 + rk
-            if EVEN_K:
-                w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")
-                x = tl.load(x_rows + kk[None, :], mask=mmask[:, None], other=0.0)
-            else:
-                kmask = kk < K
-                w = tl.load(w_rows + kk[None, :], mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc)
-        out_mask = nmask[:, None] & mmask[None, :]
-        if SPLIT == 1:
-            if HAS_BIAS:
-                acc += tl.load(Bias + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-            tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty), mask=out_mask)
-        else:       # fp32 partial of this split: Part (SPLIT, M, N)
-            tl.store(Part + (pid_k * M + rm[None, :]) * N + rn[:, None], acc, mask=out_mask)
-
-    @triton.jit
-    def _split_reduce_kernel(Part, Bias, Y, M, N, stride_ym, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                             BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
-        # y = sum_s Part[s] (+ bias), in split order: the same bits on every run
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < M * N
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        acc = tl.load(Part + offs, mask=mask, other=0.0)
-        for s in tl.static_range(1, SPLIT):
-            acc += tl.load(Part + s * M * N + offs, mask=mask, other=0.0)
-        m, n = offs // N, offs % N
+@triton.jit
+def _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
+              HAS_BIAS: tl.constexpr, NORM_SCALAR: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) fp32 dot products (acc2: the GLU's up rows) → y rows rm, columns rn."""
+    nmask = rn < N
+    mmask = rm < M
+    if NORM_SCALAR:
+        acc = acc * rstd[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    if GLU != 0:
+        if NORM_SCALAR:
+            acc2 = acc2 * rstd[None, :]
         if HAS_BIAS:
-            acc += tl.load(Bias + n, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + m * stride_ym + n, acc.to(Y.dtype.element_ty), mask=mask)
+            acc2 += tl.load(Bias + N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        if GLU == 1:      # silu
+            acc = acc * tl.sigmoid(acc)
+        elif GLU == 2:    # gelu, tanh approximation (tanh u = 2 sigmoid(2u) - 1)
+            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = acc * tl.sigmoid(2.0 * u)
+        else:             # gelu, erf
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        acc = acc * acc2
+    mask = nmask[:, None] & mmask[None, :]
+    if HAS_RES:
+        acc += tl.load(Res + rm[None, :] * stride_rm + rn[:, None], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty), mask=mask)
 
-    return _skinny_kernel, _split_reduce_kernel
+@triton.jit
+def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
+                   Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, Res, stride_rm, eps, norm_offset,
+                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                   HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
+                   NORM_GROUP: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PDL: tl.constexpr = 0):
+    # program (n-block, k-split): acc (BLOCK_N, BLOCK_M) = W[rn, k-range] · u[:, k-range]ᵀ, where u is the
+    # prologue's input rows: h = round(x + add) (written by the n-block-0 programs: the residual stream),
+    # h·silu(gate), RMSNorm weight (·(offset + w)); one rstd per row is applied to the dot products at the
+    # end (sum of squares accumulated in the same pass over K; with SPLIT > 1 each split writes its part
+    # and the reduce kernel finishes it), or per group of NORM_GROUP channels inside each tile.
+    # Epilogue (SPLIT = 1 here, else in the reduce kernel): bias, GLU (rows [N, 2N) of W are the up
+    # projection), + residual.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    nmask = rn < N
+    mmask = rm < M
+    rn_safe = tl.where(nmask, rn, 0).to(tl.int64)                 # int64: the head's N·K exceeds 2³¹
+    w_rows = W + rn_safe[:, None] * stride_wn
+    w2_rows = W + (rn_safe + N)[:, None] * stride_wn
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    if PDL:     # hybridize.ops.pdl: x / add / gate / residual may be written by the previous kernel
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + rk
+        kmask = kk < K
+        xmask = mmask[:, None] & kmask[None, :]
+        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0)
+        if HAS_ADD or HAS_GATE or NORM:
+            x = x.to(tl.float32)
+            if HAS_ADD:
+                x = (x + tl.load(Add + rm[:, None] * stride_am + kk[None, :], mask=xmask, other=0.0).to(
+                    tl.float32)).to(X.dtype.element_ty, fp_downcast_rounding="rtne")
+                tl.store(Hout + rm[:, None] * stride_hm + kk[None, :], x, mask=xmask & ((rk * 0 + pid_n) == 0)[None, :])
+                x = x.to(tl.float32)
+            if HAS_GATE:
+                z = tl.load(Gate + rm[:, None] * stride_gm + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
+                x = x * z * tl.sigmoid(z)
+            if NORM:
+                if NORM_GROUP == 0:
+                    ss += tl.sum(x * x, axis=1)
+                else:       # whole groups in every tile (BLOCK_K % NORM_GROUP == 0, K % NORM_GROUP == 0)
+                    xg = tl.reshape(x, (BLOCK_M, BLOCK_K // NORM_GROUP, NORM_GROUP))
+                    rg = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=2) / NORM_GROUP + eps)
+                    x = tl.reshape(xg * rg[:, :, None], (BLOCK_M, BLOCK_K))
+                x = x * (tl.load(NormW + kk, mask=kmask, other=0.0).to(tl.float32) + norm_offset)[None, :]
+        xt = tl.trans(x)
+        if EVEN_K:
+            w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + kk[None, :], mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
+        acc = _dot(w, xt, acc, IEEE)
+        if GLU != 0:
+            if EVEN_K:
+                w2 = tl.load(w2_rows + kk[None, :], eviction_policy="evict_first")
+            else:
+                w2 = tl.load(w2_rows + kk[None, :], mask=kmask[None, :], other=0.0,
+                             eviction_policy="evict_first")
+            acc2 = _dot(w2, xt, acc2, IEEE)
+    if SPLIT == 1:
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
+                  HAS_BIAS, NORM and NORM_GROUP == 0, GLU, HAS_RES)
+    else:       # fp32 partials of this split: Part (SPLIT, 1 + [GLU], M, N), SSq (SPLIT, M)
+        omask = nmask[:, None] & mmask[None, :]
+        base = Part + (pid_k * (1 + (GLU != 0)) * M + rm[None, :]) * N + rn[:, None]
+        tl.store(base, acc, mask=omask)
+        if GLU != 0:
+            tl.store(base + M * N, acc2, mask=omask)
+        if NORM and NORM_GROUP == 0:
+            tl.store(SSq + pid_k * M + rm, ss, mask=mmask & ((rm * 0 + pid_n) == 0))
+
+@triton.jit
+def _split_reduce_kernel(Part, SSq, Bias, Res, stride_rm, Y, M, N, K, stride_ym, eps,
+                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NORM_SCALAR: tl.constexpr,
+                         GLU: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0):
+    # y[:, n-block] = epilogue(sum_s Part[s]) in split order: the same bits on every run (no atomics)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    mask = (rn < N)[:, None] & (rm < M)[None, :]
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    stride_s = (1 + (GLU != 0)) * M * N
+    offs = rm[None, :] * N + rn[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(Part + s * stride_s + offs, mask=mask, other=0.0)
+        if GLU != 0:
+            acc2 += tl.load(Part + s * stride_s + M * N + offs, mask=mask, other=0.0)
+        if NORM_SCALAR:
+            ss += tl.load(SSq + s * M + rm, mask=rm < M, other=0.0)
+    rstd = 1.0 / tl.sqrt(ss / K + eps)
+    _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
+              HAS_BIAS, NORM_SCALAR, GLU, HAS_RES)
 
 
 @dataclass(frozen=True)
@@ -105,7 +188,6 @@ CANDIDATES = (
 
 #: largest M the kernel takes (its accumulator holds all rows)
 MAX_M = 128
-REDUCE_BLOCK = 1024
 
 
 def block_m(M: int) -> int:
@@ -120,45 +202,92 @@ def clip(cfg: GemmConfig, N: int, K: int) -> GemmConfig:
     return GemmConfig(bn, bk, split, cfg.num_warps, cfg.num_stages)
 
 
+#: GLU activations of the fused gate/up epilogue (kernel constexpr codes; as `hybridize.ops.gemv`)
+GLU_CODES = {"silu": 1, "gelu_tanh": 2, "gelu": 3}
+
+
+def _rows(t: Optional[Tensor], M: int, n: int, what: str) -> Optional[Tensor]:
+    """An (M, n) operand with unit stride along n (a view when possible)."""
+    if t is None:
+        return None
+    if t.numel() != M * n:
+        raise ValueError(f"skinny_gemm: {what} must have {M} x {n} elements, got {tuple(t.shape)}")
+    t = t.reshape(M, n)
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
 def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                       config: Optional[GemmConfig] = None, out: Optional[Tensor] = None) -> Tensor:
+                       config: Optional[GemmConfig] = None, out: Optional[Tensor] = None, *,
+                       add: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+                       norm_weight: Optional[Tensor] = None, eps: float = 0.0, norm_offset: float = 0.0,
+                       norm_group: int = 0, glu: Optional[str] = None, residual: Optional[Tensor] = None):
     """x (M, K) with M ≤ MAX_M, weight (N, K) (unit stride along K), bias (N,) or None → y (M, N) in x's
-    dtype (or into `out`, (M, N) with unit stride along N)."""
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _build()
-    kernel, reduce_kernel = _KERNELS
+    dtype (or into `out`, (M, N) with unit stride along N).
+
+    Fused extras, as `hybridize.ops.gemv.gemv_triton` for one row (definition:
+    `hybridize.ops.gemv.reference.gemv_fused_reference`): add (M, K) → the input is round(x + add),
+    returned as h; gate (M, K); norm_weight (K,) (RMSNorm over K, or over groups of `norm_group` channels:
+    then K and the config's block_k must be multiples of it); glu: weight = [gate rows; up rows] → y (M, N/2);
+    residual (M, N) added last. Returns y, or (y, h) with `add`."""
+    kernel, reduce_kernel = _skinny_kernel, _split_reduce_kernel
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"skinny_gemm: x {tuple(x.shape)} must be (M, K) for weight (N, K) = {tuple(weight.shape)}")
     M, K = x.shape
-    N = weight.shape[0]
     if M > MAX_M:
         raise ValueError(f"skinny_gemm: M = {M} rows exceed MAX_M = {MAX_M}; use F.linear")
-    if bias is not None and bias.numel() != N:
-        raise ValueError(f"skinny_gemm: bias must have {N} elements, got {tuple(bias.shape)}")
+    if glu is not None and (glu not in GLU_CODES or weight.shape[0] % 2):
+        raise ValueError(f"skinny_gemm: glu must be one of {sorted(GLU_CODES)} with an even number of weight "
+                         f"rows, got {glu!r} and {tuple(weight.shape)}")
+    N = weight.shape[0] // 2 if glu is not None else weight.shape[0]
+    if bias is not None and bias.numel() != weight.shape[0]:
+        raise ValueError(f"skinny_gemm: bias must have {weight.shape[0]} elements, got {tuple(bias.shape)}")
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()
-    y = out if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
-    if y.numel() == 0:
-        return y
-    if K == 0:
-        return y.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y))
+    add, gate, residual = _rows(add, M, K, "add"), _rows(gate, M, K, "gate"), _rows(residual, M, N, "residual")
+    if norm_weight is not None and norm_weight.numel() != K:
+        raise ValueError(f"skinny_gemm: norm_weight must have {K} elements, got {tuple(norm_weight.shape)}")
     cfg = clip(config or CANDIDATES[0], N, K)
+    norm_group = 0 if norm_weight is None or norm_group in (0, K) else int(norm_group)
+    if norm_group and (K % norm_group or cfg.block_k % norm_group):
+        raise ValueError(f"skinny_gemm: a norm over groups of {norm_group} needs K ({K}) and block_k "
+                         f"({cfg.block_k}) to be multiples of it")
+    y = out if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
+    h = torch.empty(M, K, device=x.device, dtype=x.dtype) if add is not None else None
+    if M == 0 or K == 0 or (N == 0 and add is None):
+        if K == 0 and y.numel():
+            from hybridize.ops.gemv.reference import gemv_fused_reference
+            y.copy_(gemv_fused_reference(x, weight, bias, glu=glu, residual=residual))
+        return (y, h) if add is not None else y
     k_tiles = math.ceil(K / cfg.block_k)
     k_per_split = math.ceil(k_tiles / cfg.split_k) * cfg.block_k
     split = math.ceil(K / k_per_split)                 # no empty splits
-    even_k = K % k_per_split == 0 and k_per_split % cfg.block_k == 0
-    part = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
+    even_k = K % cfg.block_k == 0
+    norm_scalar = norm_weight is not None and norm_group == 0
+    f32 = dict(device=x.device, dtype=torch.float32)
+    part = torch.empty(split, 2 if glu else 1, M, N, **f32) if split > 1 else y
+    ssq = torch.empty(split, M, **f32) if split > 1 and norm_scalar else y
     pdl = pdl_launch(x.device)
     b = bias.contiguous() if bias is not None else x
-    kernel[(math.ceil(N / cfg.block_n), split)](
-        x, weight, b, y, part, M, N, K, x.stride(0), weight.stride(0), y.stride(0), k_per_split,
-        HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=even_k, BLOCK_M=block_m(M), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+    BM = block_m(M)
+    kernel[(max(1, math.ceil(N / cfg.block_n)), split)](
+        x, weight, b, y, part, ssq, M, N, K, x.stride(0), weight.stride(0), y.stride(0), k_per_split,
+        add if add is not None else x, add.stride(0) if add is not None else 0, h if h is not None else x,
+        K, gate if gate is not None else x, gate.stride(0) if gate is not None else 0,
+        norm_weight.contiguous() if norm_weight is not None else x,
+        residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
+        float(eps), float(norm_offset),
+        HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=even_k, IEEE=x.dtype == torch.float32,
+        HAS_ADD=add is not None, HAS_GATE=gate is not None, NORM=norm_weight is not None, NORM_GROUP=norm_group,
+        GLU=GLU_CODES[glu] if glu else 0, HAS_RES=residual is not None,
+        BLOCK_M=BM, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl)
     if split > 1:
-        reduce_kernel[(math.ceil(M * N / REDUCE_BLOCK),)](
-            part, b, y, M, N, y.stride(0), HAS_BIAS=bias is not None, SPLIT=split, BLOCK=REDUCE_BLOCK,
+        bn = max(16, min(128, 4096 // BM))
+        reduce_kernel[(math.ceil(N / bn),)](
+            part, ssq, b, residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
+            y, M, N, K, y.stride(0), float(eps), HAS_BIAS=bias is not None, SPLIT=split, NORM_SCALAR=norm_scalar,
+            GLU=GLU_CODES[glu] if glu else 0, HAS_RES=residual is not None, BLOCK_M=BM, BLOCK_N=bn,
             num_warps=4, **pdl)
-    return y
+    return (y, h) if add is not None else y

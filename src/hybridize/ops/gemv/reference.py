@@ -31,10 +31,11 @@ def gemv_fused_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                          norm_weight: Optional[Tensor] = None, eps: float = 0.0, norm_offset: float = 0.0,
                          norm_group: int = 0, glu: Optional[str] = None, residual: Optional[Tensor] = None,
                          conv=None):
-    """The fused decode GEMV, one input row x (1, K), in fp32 with one rounding per output:
+    """The fused decode GEMV / skinny GEMM, input rows x (M, K) (M = 1: the GEMV), in fp32 with one rounding
+    per output:
 
         h = round(x + add)                       (the residual stream, in x's dtype; h = x without add)
-        u = h · silu(gate)                       (gate (1, K), optional)
+        u = h · silu(gate)                       (gate (M, K), optional)
         u = u · rsqrt(mean(u²) + eps) · (norm_offset + norm_weight)   (RMSNorm, optional; the mean over
                                                                  groups of `norm_group` channels if > 0)
         z = u · Wᵀ + b
@@ -42,13 +43,14 @@ def gemv_fused_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         y = y + residual                         (optional)
         y[s:s+C] = conv_step(round(y[s:s+C]))    (conv: a `triton.ConvUpdate`; its state updated in place)
 
-    Returns y (1, N or N') in x's dtype, and h too when `add` is given."""
-    h = x if add is None else (x.float() + add.float()).to(x.dtype)
-    u = h.float().reshape(1, -1)
+    Returns y (M, N or N') in x's dtype, and h (M, K) too when `add` is given."""
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 1
+    h = x if add is None else (x.float() + add.float().reshape(x.shape)).to(x.dtype)
+    u = h.float().reshape(M, -1)
     if gate is not None:
-        u = u * F.silu(gate.float().reshape(1, -1))
+        u = u * F.silu(gate.float().reshape(M, -1))
     if norm_weight is not None:
-        g = u.reshape(1, -1, norm_group or u.shape[-1])
+        g = u.reshape(M, -1, norm_group or u.shape[-1])
         u = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)).reshape(u.shape)
         u = u * (norm_offset + norm_weight.float())
     z = u @ weight.float().t()
@@ -58,13 +60,13 @@ def gemv_fused_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         g, up = z.chunk(2, dim=-1)
         z = GLU_ACTS[glu](g) * up
     if residual is not None:
-        z = z + residual.float().reshape(1, -1)
+        z = z + residual.float().reshape(M, -1)
     y = z.to(x.dtype)
     if conv is not None:
         lo, C = conv.start, conv.weight.shape[0]
         state = conv.state if conv.state.dim() == 3 else conv.state[None]
         y[:, lo:lo + C] = causal_conv1d_update(y[:, lo:lo + C], state, conv.weight, conv.bias, conv.activation)
-    return (y, h.reshape(1, -1)) if add is not None else y
+    return (y, h.reshape(M, -1)) if add is not None else y
 
 
 __all__ = ["gemv_reference", "gemv_fused_reference", "GLU_ACTS"]
