@@ -308,7 +308,8 @@ def test_fused_linear_equals_the_unfused_modules(fused_counter, monkeypatch):
 
 def _register_model(model, monkeypatch):
     calls = gemv._decode_calls(model)                        # plain shapes and fused variants of a step
-    for w, has_bias, variant in calls:                       # big blocks: few interpreted programs
+    for w, has_bias, variant, rows in calls:                 # big blocks: few interpreted programs
+        assert rows == 1
         monkeypatch.setitem(gemv._CHOICE, gemv._key(w, has_bias, variant), (64, 128, 2, 1))
     return calls
 
@@ -326,7 +327,7 @@ def test_fused_decode_step_matches_the_unfused_step(pattern, fused_counter, monk
     model = hz.HybridLM(cfg).to(DEVICE, torch.bfloat16).eval().fuse_projections_()
     ref_model = copy.deepcopy(model)
     calls = _register_model(model, monkeypatch)
-    variants = {v for _, _, v in calls}
+    variants = {v for _, _, v, _ in calls}
     assert {"norm", "norm+glu:silu", "res", "gate+norm:16+res"} <= variants, variants
     assert any(v.startswith("norm+conv:") for v in variants), variants       # Mamba-2's in_proj + conv step
     cache = model.init_cache(1, max_seqlen=8, device=DEVICE)
@@ -464,3 +465,74 @@ def test_fused_linear_conv_equals_the_unfused_ops(fused_counter, monkeypatch):
             torch.testing.assert_close(y[:, keep].float(), y_ref[:, keep].float(), atol=5e-2, rtol=3e-2)
             torch.testing.assert_close(s_got, s_want, atol=5e-2, rtol=3e-2)
     assert len(fused_counter) == 3
+
+
+# ---------------------------------------------------------------------------- batched decode: the skinny GEMM
+def test_keys_carry_the_row_count():
+    w = torch.empty(8, 16)
+    assert gemv._key(w, False) == gemv._key(w, False, "plain", 1)
+    assert gemv._key(w, False, "plain", 4) != gemv._key(w, False, "plain", 8) != gemv._key(w, False)
+    assert gemv._disk_key(w, False, "norm", 4).endswith("|norm|rows=4")
+    assert gemv._disk_key(w, False, "plain", 1).endswith("|8|16|False")
+
+
+def test_linear_routes_rows_to_the_skinny_gemm(monkeypatch):
+    """Several rows take the skinny GEMM only with a config registered for exactly that row count, and only
+    while the batched path is on (HYBRIDIZE_GEMM); otherwise F.linear."""
+    from hybridize.ops.gemm.reference import skinny_gemm_reference
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "1")
+    dt = torch.float16 if not _CUDA else torch.bfloat16
+    w, b = (torch.randn(40, 64) / 8).to(DEVICE, dt), torch.randn(40).to(DEVICE, dt)
+    x = torch.randn(2, 3, 64).to(DEVICE, dt)
+    ran = []
+    real = gemv._run_gemm
+    monkeypatch.setattr(gemv, "_run_gemm", lambda *a, **k: ran.append(a[3]) or real(*a, **k))
+    monkeypatch.setitem(gemv._CHOICE, gemv._key(w, True, "plain", 6), (16, 32, 2, 4, 2))
+    y = gemv.linear(x, w, b)
+    assert ran == [(16, 32, 2, 4, 2)] and y.shape == (2, 3, 40)
+    torch.testing.assert_close(y.float(), skinny_gemm_reference(x.reshape(6, 64), w, b).float().view(2, 3, 40),
+                               **_tol(dt))
+    gemv.linear(x[:, :2], w, b)                                   # 4 rows: not registered → F.linear
+    monkeypatch.setattr(gemv, "_GEMM_WANTED", [False])
+    gemv.linear(x, w, b)                                          # batched path off → F.linear
+    assert len(ran) == 1
+
+
+@pytest.mark.parametrize("pattern", [("attention", "mamba2", "rglru")])
+def test_batched_fused_decode_step_matches_the_unfused_step(pattern, monkeypatch):
+    """A whole batch-3 decode step with every matmul on the skinny GEMM (fused norms, residual adds, GLU,
+    gated norm, head) against the same step with cuBLAS and the separate ops: same logits and states, step
+    after step. fp16 (the interpreter's bf16 dots are wrong); the mixers' own ops take their references."""
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "0")
+    monkeypatch.setattr(gemv, "use_kernels", lambda *a: True)
+    import copy
+    cfg = hz.preset("mil50-debug", layer_pattern=list(pattern))
+    torch.manual_seed(0)
+    model = hz.HybridLM(cfg).to(DEVICE, torch.float16).eval().fuse_projections_()
+    ref_model = copy.deepcopy(model)
+    calls = gemv._decode_calls(model, batch=3)
+    assert calls and all(rows == 3 for *_, rows in calls)
+    variants = {v for _, _, v, _ in calls}
+    assert {"norm", "norm+glu:silu", "res", "gate+norm:16+res"} <= variants, variants
+    assert not any("conv" in v for v in variants)               # the conv step stays its own kernel here
+    for w, has_bias, variant, rows in calls:
+        monkeypatch.setitem(gemv._CHOICE, gemv._key(w, has_bias, variant, rows), (32, 64, 1, 4, 2))
+    ran = []
+    real = gemv._run_gemm
+    monkeypatch.setattr(gemv, "_run_gemm", lambda *a, **k: ran.append(1) or real(*a, **k))
+    cache = model.init_cache(3, max_seqlen=8, device=DEVICE)
+    ref_cache = ref_model.init_cache(3, max_seqlen=8, device=DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (3, 3), device=DEVICE)
+    for t in range(3):
+        got = model.step(ids[t], cache)
+        saved = dict(gemv._CHOICE)
+        gemv._CHOICE.clear()
+        want = ref_model.step(ids[t], ref_cache)
+        gemv._CHOICE.update(saved)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    for a, b in zip(cache.states, ref_cache.states):
+        for name in ("ssm", "conv", "h", "k", "v"):
+            if isinstance(getattr(a, name, None), torch.Tensor):
+                torch.testing.assert_close(getattr(a, name).float(), getattr(b, name).float(), atol=2e-2, rtol=2e-2)
+    # every step: per layer in-proj / out-proj / gate-up / down, and the head — all on the skinny GEMM
+    assert len(ran) == 3 * (4 * len(pattern) + 1), len(ran)

@@ -56,7 +56,7 @@ class GenerationStats:
     cuda_graph: bool = False
     compiled: bool = False     # the decode step (and the verifier) ran torch.compile'd code
     fused: bool = False        # the model (and the draft) ran fused projections (fuse_projections_)
-    gemv_shapes: int = 0       # batch-1 matmul shapes served by the tuned Triton GEMV (hybridize.ops.gemv)
+    gemv_shapes: int = 0       # matmuls served by the tuned Triton GEMV / skinny GEMM (hybridize.ops.gemv)
     # speculative decoding only
     num_draft_tokens: Optional[int] = None
     drafted: Optional[int] = None
@@ -420,15 +420,16 @@ class StepRunner:
     Capture runs warm-up steps, so it must happen before the cache is filled: the cache is zeroed
     afterwards. use_cuda_graph, compile: True, False or "auto" (= on CUDA); a failing compile falls back
     to the eager step, a failing "auto" capture to eager steps, each with a warning. fuse: fuse the
-    model's projections first (`fuse_for_inference`; ``fused`` says whether they are). At batch 1 on CUDA
-    the model's matmuls go through the tuned Triton GEMV where it beats cuBLAS
-    (`hybridize.ops.gemv.prepare_decode_gemv`; ``gemv`` holds its report; HYBRIDIZE_GEMV=0: off)."""
+    model's projections first (`fuse_for_inference`; ``fused`` says whether they are). On CUDA the model's
+    matmuls go through the tuned Triton GEMV (batch 1) / skinny GEMM (batch 2-128) where it beats cuBLAS
+    (`hybridize.ops.gemv.prepare_decode_gemv`; ``gemv`` holds its report; HYBRIDIZE_GEMV=0: off,
+    HYBRIDIZE_GEMM=0: batch 1 only)."""
 
     def __init__(self, model, cache, batch_size: int, use_cuda_graph: Union[bool, str] = "auto",
                  compile: Union[bool, str] = "auto", fuse: bool = True):
         self.model, self.cache = model, cache
         self.fused = fuse_for_inference(model, fuse)             # before compiling / capturing the step
-        self.gemv = prepare_decode_gemv(model) if batch_size == 1 else {"routed": 0, "shapes": {}}
+        self.gemv = prepare_decode_gemv(model, batch=batch_size)
         device = next(model.parameters()).device
         self.ids = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.prog = GraphedProgram(_step_program, (model, self.ids, cache), device=device,

@@ -128,7 +128,9 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stri
                              eviction_policy="evict_first")
             acc2 = _dot(w2, xt, acc2, IEEE)
     if SPLIT == 1:
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        rstd = ss
+        if NORM and NORM_GROUP == 0:
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
         _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
                   HAS_BIAS, NORM and NORM_GROUP == 0, GLU, HAS_RES)
     else:       # fp32 partials of this split: Part (SPLIT, 1 + [GLU], M, N), SSq (SPLIT, M)
@@ -163,7 +165,9 @@ def _split_reduce_kernel(Part, SSq, Bias, Res, stride_rm, Y, M, N, K, stride_ym,
             acc2 += tl.load(Part + s * stride_s + M * N + offs, mask=mask, other=0.0)
         if NORM_SCALAR:
             ss += tl.load(SSq + s * M + rm, mask=rm < M, other=0.0)
-    rstd = 1.0 / tl.sqrt(ss / K + eps)
+    rstd = ss
+    if NORM_SCALAR:
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
     _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
               HAS_BIAS, NORM_SCALAR, GLU, HAS_RES)
 

@@ -1,14 +1,16 @@
-"""Batch-1 decode GEMV: ``linear(x, weight, bias)`` runs the Triton GEMV (`triton.py`) for a one-row CUDA
-input when that (N, K, dtype) was tuned on this device and the kernel beat cuBLAS there; everything else
-(training, prefill, batch > 1, CPU, untuned shapes) is ``F.linear``.
+"""Decode matmuls: ``linear(x, weight, bias)`` runs the Triton GEMV (`triton.py`) for a one-row CUDA input,
+and the skinny-M Triton GEMM (`hybridize.ops.gemm`) for 2..128 rows (batched decode), when that (rows, N,
+K, dtype[, fused variant]) was tuned on this device and the kernel beat cuBLAS (plus the separate kernels a
+fused variant replaces) there; everything else (training, prefill, untuned shapes, CPU) is ``F.linear``.
 
-    prepare_decode_gemv(model)   # route the model's Linears through `linear` and tune its shapes
-                                 # (the generation engine does this for batch-1 steps on CUDA)
+    prepare_decode_gemv(model, batch=B)   # route the model's Linears through `linear` and tune the
+                                          # matmuls of its batch-B decode step (the generation engine
+                                          # does this on CUDA for B <= 128)
 
 Tuning (`tune_shape`) times each candidate block shape and cuBLAS in CUDA-graph replay over enough
 copies of W to miss the L2 cache, keeps the fastest, and caches the outcome per GPU / triton / torch
 version in ``$HYBRIDIZE_CACHE_DIR/gemv_tuning.json`` (default ``~/.cache/hybridize``), so later processes
-skip it. HYBRIDIZE_GEMV=0 turns the routing off (A/B benchmarks).
+skip it. HYBRIDIZE_GEMV=0 turns the routing off (A/B benchmarks); HYBRIDIZE_GEMM=0 only the batched one.
 """
 from __future__ import annotations
 
@@ -29,38 +31,53 @@ from hybridize.ops._dispatch import use_kernels
 from hybridize.ops.gemv.reference import GLU_ACTS, gemv_fused_reference, gemv_reference
 from hybridize.ops.gemv.triton import ConvUpdate
 
-#: (device type, device index, dtype, N, K, has_bias[, variant]) → (block_n, block_k, num_warps,
-#: num_stages), or None: cuBLAS (plain) / the separate ops (fused variants) won. Read inside compiled code:
-#: nothing in the key may need a host call. Variants: `variant_name` of a `fused_linear` call.
+#: (device type, device index, dtype, N, K, has_bias[, variant[, rows]]) → the kernel's config: (block_n,
+#: block_k, num_warps, num_stages) of the GEMV (one row), (block_n, block_k, split_k, num_warps, num_stages)
+#: of the skinny GEMM (rows > 1); or None: cuBLAS (plain) / the separate ops (fused variants) won. Read
+#: inside compiled code: nothing in the key may need a host call. Variants: `variant_name` of a
+#: `fused_linear` call.
 _CHOICE: dict = {}
-#: while `recording` is on: every (key → (weight, has_bias, variant)) a batch-1 call could send to a kernel
+#: while `recording` is on: every (key → (weight, has_bias, variant, rows)) a decode call could send to a kernel
 _RECORD: Optional[dict] = None
 _SUPPORTED = (torch.bfloat16, torch.float16)
+#: most rows the skinny GEMM takes (`hybridize.ops.gemm.triton.MAX_M`)
+MAX_ROWS = 128
 #: every `tune_shape` record of this process (benchmarks put it in their JSON)
 TUNE_LOG: list = []
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").lower() not in ("0", "off", "false", "no")
+
+
 def gemv_wanted() -> bool:
-    return os.environ.get("HYBRIDIZE_GEMV", "").lower() not in ("0", "off", "false", "no")
+    return _env_on("HYBRIDIZE_GEMV")
+
+
+def gemm_wanted() -> bool:
+    """HYBRIDIZE_GEMM=0: batched decode steps keep cuBLAS (A/B of the skinny Triton GEMM)."""
+    return _env_on("HYBRIDIZE_GEMM")
 
 
 def gemv_fusion_wanted() -> bool:
     """HYBRIDIZE_GEMV_FUSED=0: `fused_linear` runs its parts one by one (plain GEMV + separate ops; A/B).
     Read at call time on the host; compiled code bakes in the value it saw when it was traced."""
-    return os.environ.get("HYBRIDIZE_GEMV_FUSED", "").lower() not in ("0", "off", "false", "no")
+    return _env_on("HYBRIDIZE_GEMV_FUSED")
 
 
-def _key(weight: Tensor, has_bias: bool, variant: str = "plain") -> tuple:
+def _key(weight: Tensor, has_bias: bool, variant: str = "plain", rows: int = 1) -> tuple:
     d = weight.device
     key = (d.type, d.index, weight.dtype, int(weight.shape[0]), int(weight.shape[1]), bool(has_bias))
-    return key if variant == "plain" else key + (variant,)
+    key = key if variant == "plain" and rows == 1 else key + (variant,)
+    return key if rows == 1 else key + (int(rows),)
 
 
-def _disk_key(weight: Tensor, has_bias: bool, variant: str = "plain") -> str:
+def _disk_key(weight: Tensor, has_bias: bool, variant: str = "plain", rows: int = 1) -> str:
     """The tuning cache's key: the GPU's name instead of its index (host call; not for compiled code)."""
     dev = torch.cuda.get_device_name(weight.device) if weight.is_cuda else "cpu"
     key = "|".join(map(str, (dev, weight.dtype, weight.shape[0], weight.shape[1], bool(has_bias))))
-    return key if variant == "plain" else f"{key}|{variant}"
+    key = key if variant == "plain" and rows == 1 else f"{key}|{variant}"
+    return key if rows == 1 else f"{key}|rows={int(rows)}"
 
 
 def variant_name(add: bool = False, gate: bool = False, norm: bool = False, glu: Optional[str] = None,
@@ -94,9 +111,9 @@ def _parse_variant(variant: str) -> dict:
 
 
 class recording:
-    """``with recording() as calls:`` collects, instead of nothing, every (weight, has_bias, variant) that a
-    batch-1 `linear` / `fused_linear` call could run as a Triton kernel (tuned or not): what
-    `prepare_decode_gemv` must tune. calls: {key: (weight, has_bias, variant)}."""
+    """``with recording() as calls:`` collects, instead of nothing, every (weight, has_bias, variant, rows)
+    that a `linear` / `fused_linear` call could run as a Triton kernel (tuned or not): what
+    `prepare_decode_gemv` must tune. calls: {key: (weight, has_bias, variant, rows)}."""
 
     def __enter__(self) -> dict:
         global _RECORD
@@ -126,27 +143,51 @@ def _(x, weight, bias, block_n, block_k, num_warps, num_stages):
 
 
 def _gemv_config(x: Tensor, weight: Tensor, bias: Optional[Tensor], variant: str = "plain") -> Optional[tuple]:
-    """The tuned Triton config for ``x · weightᵀ`` (fused `variant`) if the batch-1 GEMV serves it, else
-    None (F.linear / the separate ops)."""
+    """The tuned Triton config for ``x · weightᵀ`` (fused `variant`) if a kernel serves it — the GEMV for
+    one row, the skinny GEMM for 2..MAX_ROWS rows (x (..., K) flattened) — else None (F.linear / the
+    separate ops). The config's length tells the two apart (4: GEMV, 5: skinny GEMM)."""
     K = weight.shape[-1]
-    if x.numel() != K or x.dtype != weight.dtype or weight.dtype not in _SUPPORTED or weight.dim() != 2 \
+    if x.shape[-1] != K or x.dtype != weight.dtype or weight.dtype not in _SUPPORTED or weight.dim() != 2 \
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) \
             or not use_kernels(x, weight):
         return None
-    key = _key(weight, bias is not None, variant)
+    rows = x.numel() // K if K else 0
+    if rows < 1 or rows > MAX_ROWS or (rows > 1 and not _GEMM_WANTED[0]):
+        return None
+    key = _key(weight, bias is not None, variant, rows)
     if _RECORD is not None:
-        _RECORD.setdefault(key, (weight, bias is not None, variant))
+        _RECORD.setdefault(key, (weight, bias is not None, variant, rows))
     return _CHOICE.get(key)
 
 
+def _run_gemm(x, weight, bias, cfg, **fused):
+    from hybridize.ops.gemm.triton import GemmConfig, skinny_gemm_triton
+    return skinny_gemm_triton(x, weight, bias, GemmConfig(*cfg), **fused)
+
+
+@torch.library.custom_op("hybridize::skinny_gemm", mutates_args=())
+def _skinny_gemm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], block_n: int, block_k: int,
+                    split_k: int, num_warps: int, num_stages: int) -> Tensor:
+    return _run_gemm(x, weight, bias, (block_n, block_k, split_k, num_warps, num_stages))
+
+
+@_skinny_gemm_op.register_fake
+def _(x, weight, bias, block_n, block_k, split_k, num_warps, num_stages):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; a single row x (..., K) with numel K takes the tuned Triton GEMV
-    when one is registered for this shape (see the module docstring) and no gradient is wanted."""
+    """``F.linear(x, weight, bias)``; x (..., K) with 1..MAX_ROWS rows takes the tuned Triton GEMV (one row)
+    or skinny GEMM (more) when one is registered for this shape (see the module docstring) and no
+    gradient is wanted."""
     cfg = _gemv_config(x, weight, bias)
     if cfg is None:
         return F.linear(x, weight, bias)
-    x2 = x.reshape(1, weight.shape[-1])
-    if torch.compiler.is_compiling():
+    x2 = x.reshape(-1, weight.shape[-1])
+    compiling = torch.compiler.is_compiling()
+    if len(cfg) == 5:
+        y = torch.ops.hybridize.skinny_gemm(x2, weight, bias, *cfg) if compiling else _run_gemm(x2, weight, bias, cfg)
+    elif compiling:
         y = torch.ops.hybridize.gemv(x2, weight, bias, *cfg)
     else:
         y = _run(x2, weight, bias, cfg)           # direct launch: custom_op's Python dispatch costs µs
@@ -179,6 +220,28 @@ def _(x, weight, bias, norm_weight, eps, norm_offset, conv_state, conv_weight, c
     return x.new_empty(1, weight.shape[0])
 
 
+@torch.library.custom_op("hybridize::skinny_gemm_fused", mutates_args=())
+def _skinny_gemm_fused_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Tensor],
+                          gate: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor],
+                          eps: float, norm_offset: float, norm_group: int, glu: str, block_n: int, block_k: int,
+                          split_k: int, num_warps: int, num_stages: int) -> Tuple[Tensor, Tensor]:
+    return _run_gemm_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu,
+                           (block_n, block_k, split_k, num_warps, num_stages))
+
+
+@_skinny_gemm_fused_op.register_fake
+def _(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu, block_n, block_k,
+      split_k, num_warps, num_stages):
+    N = weight.shape[0] // 2 if glu else weight.shape[0]
+    return x.new_empty(x.shape[0], N), (x.new_empty(x.shape) if add is not None else x.new_empty(0))
+
+
+def _run_gemm_fused(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_group, glu, cfg):
+    out = _run_gemm(x, weight, bias, cfg, add=add, gate=gate, norm_weight=norm_weight, eps=eps,
+                    norm_offset=norm_offset, norm_group=norm_group, glu=glu or None, residual=residual)
+    return out if add is not None else (out, x.new_empty(0))
+
+
 @torch.library.custom_op("hybridize::gemv_fused", mutates_args=())
 def _gemv_fused_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Tensor],
                    gate: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
@@ -195,8 +258,9 @@ def _(x, weight, bias, add, gate, norm_weight, residual, eps, norm_offset, norm_
     return x.new_empty(1, N), (x.new_empty(1, x.shape[-1]) if add is not None else x.new_empty(0))
 
 
-#: read once per process (a module constant for torch.compile; tests flip it)
+#: read once per process (module constants for torch.compile; tests flip them)
 _FUSION_WANTED = [gemv_fusion_wanted()]
+_GEMM_WANTED = [gemm_wanted()]
 
 
 def _norm_params(norm: nn.Module, gated: bool) -> Optional[tuple]:
@@ -244,13 +308,23 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
     cfg = None
     if _FUSION_WANTED[0] and (norm is None or nparams is not None) \
             and all(t.dtype == x.dtype and t.device == x.device for t in extras) \
-            and (conv is None or conv.state.device == x.device):
+            and (conv is None or (conv.state.device == x.device and x.numel() == x.shape[-1])):
         variant = variant_name(add is not None, gate is not None, norm is not None, glu, residual is not None,
                                nparams[3] if nparams is not None else 0, conv_variant(conv) if conv else None)
         cfg = _gemv_config(x, weight, bias, variant)
     if cfg is not None:
         nw, eps, off, group = nparams if nparams is not None else (None, 0.0, 0.0, 0)
         K = weight.shape[-1]
+        if len(cfg) == 5:                       # skinny GEMM (several rows; no conv epilogue: not recorded)
+            x2 = x.reshape(-1, K)
+            rows = lambda t: None if t is None else t.reshape(x2.shape[0], -1)   # noqa: E731
+            args = (x2, weight, bias, rows(add), rows(gate), nw, rows(residual), eps, off, group, glu or "")
+            if torch.compiler.is_compiling():
+                y, h = torch.ops.hybridize.skinny_gemm_fused(*args, *cfg)
+            else:
+                y, h = _run_gemm_fused(*args, cfg)
+            y = y.view(*x.shape[:-1], y.shape[-1])
+            return (y, h.view(x.shape)) if add is not None else y
         if conv is not None:
             cargs = (x.reshape(1, K), weight, bias, nw, eps, off, conv.state, conv.weight, conv.bias,
                      int(conv.start), conv.activation or "")
@@ -394,13 +468,18 @@ def _graph_time_us(fn_per_copy, copies: int, reps: int = 20) -> float:
 #: 1.6-1.9 µs, act(gate)·up 1.1-1.2 µs; a residual add mostly rides along with the next norm kernel;
 #: Mamba-2's conv update 2.1 µs, decode_fused_gemv_h100.json)
 SAVED_US = {"norm": 1.5, "glu": 1.0, "add": 0.5, "res": 0.5, "gate": 0.0, "conv": 2.0}
+#: the same for the skinny GEMM (rows > 1): at batch 64 torch.compile'd steps ran an (add +) RMSNorm as one
+#: 2.1-2.5 µs kernel, act(gate)·up 1.7 µs, Mamba-2's gated norm 1.5 µs
+#: (benchmarks/results/decode_b64_profile_s8_h100.json)
+SAVED_US_ROWS = {"norm": 2.0, "glu": 1.5, "add": 0.3, "res": 0.3, "gate": 0.0, "conv": 0.0}
 
 
-def _saved_us(variant: str) -> float:
-    return sum(SAVED_US[p.split(":")[0]] for p in variant.split("+")) if variant != "plain" else 0.0
+def _saved_us(variant: str, rows: int = 1) -> float:
+    table = SAVED_US if rows == 1 else SAVED_US_ROWS
+    return sum(table[p.split(":")[0]] for p in variant.split("+")) if variant != "plain" else 0.0
 
 
-def _variant_inputs(variant: str, N: int, K: int, dtype, device) -> dict:
+def _variant_inputs(variant: str, N: int, K: int, dtype, device, rows: int = 1) -> dict:
     """Random inputs for a fused variant of an (N, K) weight (N counts gate + up rows for a GLU)."""
     v = _parse_variant(variant)
     n_out = N // 2 if v["glu"] else N
@@ -411,9 +490,9 @@ def _variant_inputs(variant: str, N: int, K: int, dtype, device) -> dict:
         conv = ConvUpdate(torch.randn(1, c["channels"], c["width"] - 1, device=device),
                           mk(c["channels"], c["width"]), mk(c["channels"]) if c["bias"] else None, c["start"],
                           c["activation"])
-    return dict(add=mk(1, K) if v["add"] else None, gate=mk(1, K) if v["gate"] else None,
+    return dict(add=mk(rows, K) if v["add"] else None, gate=mk(rows, K) if v["gate"] else None,
                 norm_weight=mk(K) if v["norm"] else None, eps=1e-5, norm_group=v["norm_group"], glu=v["glu"],
-                residual=mk(1, n_out) if v["residual"] else None, conv=conv)
+                residual=mk(rows, n_out) if v["residual"] else None, conv=conv)
 
 
 def _fresh_conv(fused: dict) -> dict:
@@ -422,56 +501,75 @@ def _fresh_conv(fused: dict) -> dict:
     return fused if conv is None else dict(fused, conv=conv._replace(state=conv.state.clone()))
 
 
-def tune_shape(N: int, K: int, dtype: torch.dtype, device, has_bias: bool = False,
-               l2_bytes: int = 256 << 20, variant: str = "plain") -> dict:
-    """Time every candidate config for y = x (1, K) Wᵀ (N, K) on `device` — plain, or the fused `variant`
-    (`variant_name`) — and register the choice. The plain GEMV competes with cuBLAS; a fused variant with
-    the plain choice + `SAVED_US` of its parts (what running them separately would cost). Returns a record
-    {config, triton_us, baseline_us, cublas_us (plain), floor_us (at 3.35 TB/s), all: {config: µs}}."""
-    from hybridize.ops.gemv.triton import CANDIDATES, _clip, gemv_triton
+def _kernel_api(rows: int):
+    """(candidates, clip, run(x, w, b, cfg, **fused), config → tuple) of the GEMV (rows = 1) or the skinny
+    GEMM (rows > 1)."""
+    if rows == 1:
+        from hybridize.ops.gemv.triton import CANDIDATES, _clip, gemv_triton
+        return CANDIDATES, _clip, gemv_triton, lambda c: (c.block_n, c.block_k, c.num_warps, c.num_stages)
+    from hybridize.ops.gemm.triton import CANDIDATES, clip, skinny_gemm_triton
 
+    def run(x, w, b, cfg, conv=None, **fused):
+        return skinny_gemm_triton(x, w, b, cfg, **fused)
+    return CANDIDATES, clip, run, lambda c: (c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages)
+
+
+def _config_obj(cfg: tuple):
+    if len(cfg) == 5:
+        from hybridize.ops.gemm.triton import GemmConfig
+        return GemmConfig(*cfg)
+    from hybridize.ops.gemv.triton import GemvConfig
+    return GemvConfig(*cfg)
+
+
+def tune_shape(N: int, K: int, dtype: torch.dtype, device, has_bias: bool = False,
+               l2_bytes: int = 256 << 20, variant: str = "plain", rows: int = 1) -> dict:
+    """Time every candidate config for y = x (rows, K) Wᵀ (N, K) on `device` — the GEMV for one row, the
+    skinny GEMM for more; plain, or the fused `variant` (`variant_name`) — and register the choice. The
+    plain kernel competes with cuBLAS; a fused variant with the plain choice + `SAVED_US` (`SAVED_US_ROWS`)
+    of its parts (what running them separately would cost). Returns a record {config, triton_us,
+    baseline_us, cublas_us (plain), floor_us (at 3.35 TB/s), all: {config: µs}}."""
+    candidates, clip, run, as_tuple = _kernel_api(rows)
     elt = torch.empty((), dtype=dtype).element_size()
     copies = max(2, min(64, -(-l2_bytes // max(1, N * K * elt))))   # cycle through > L2 worth of weights
     ws = [torch.randn(N, K, device=device, dtype=dtype) * K ** -0.5 for _ in range(copies)]
     b = torch.randn(N, device=device, dtype=dtype) if has_bias else None
-    x = torch.randn(1, K, device=device, dtype=dtype)
+    x = torch.randn(rows, K, device=device, dtype=dtype)
     ys = [None] * copies
-    fused = _variant_inputs(variant, N, K, dtype, device) if variant != "plain" else {}
+    fused = _variant_inputs(variant, N, K, dtype, device, rows) if variant != "plain" else {}
     n_out = N // 2 if fused.get("glu") else N
 
-    rec: dict = {"N": N, "K": K, "dtype": str(dtype), "bias": has_bias, "variant": variant, "copies": copies,
-                 "all": {}}
+    rec: dict = {"N": N, "K": K, "rows": rows, "dtype": str(dtype), "bias": has_bias, "variant": variant,
+                 "copies": copies, "all": {}}
     if variant == "plain":
         def base(i):
             ys[i] = F.linear(x, ws[i], b)
         rec["cublas_us"] = rec["baseline_us"] = _graph_time_us(base, copies)
         want = F.linear(x.float(), ws[0].float(), None if b is None else b.float())
     else:
-        plain = _CHOICE.get(_key(ws[0], has_bias))
-        if plain is None:                       # the plain GEMV is cuBLAS here
+        plain = _CHOICE.get(_key(ws[0], has_bias, "plain", rows))
+        if plain is None:                       # the plain matmul is cuBLAS here
             def base(i):
                 ys[i] = F.linear(x, ws[i], b)
         else:
-            from hybridize.ops.gemv.triton import GemvConfig
-
-            def base(i, cfg=GemvConfig(*plain)):
-                ys[i] = gemv_triton(x, ws[i], b, cfg)
+            def base(i, cfg=_config_obj(plain)):
+                ys[i] = run(x, ws[i], b, cfg)
         rec["plain_us"] = _graph_time_us(base, copies)
-        rec["baseline_us"] = rec["plain_us"] + _saved_us(variant)
+        rec["baseline_us"] = rec["plain_us"] + _saved_us(variant, rows)
         want = gemv_fused_reference(x, ws[0], b, **_fresh_conv(fused))
         want = (want[0] if isinstance(want, tuple) else want).float()
     best = None
-    for cand in dict.fromkeys(_clip(c, n_out, K) for c in CANDIDATES):
-        cfg = (cand.block_n, cand.block_k, cand.num_warps, cand.num_stages)
+    for cand in dict.fromkeys(clip(c, n_out, K) for c in candidates):
+        cfg = as_tuple(cand)
         try:
-            got = gemv_triton(x, ws[0], b, cand, **_fresh_conv(fused))
+            got = run(x, ws[0], b, cand, **_fresh_conv(fused))
             got = (got[0] if isinstance(got, tuple) else got).float()
             if not torch.allclose(got, want, atol=3e-2, rtol=3e-2):
                 rec["all"][str(cfg)] = "mismatch"
                 continue
 
             def tri(i, cand=cand):
-                ys[i] = gemv_triton(x, ws[i], b, cand, **fused)
+                ys[i] = run(x, ws[i], b, cand, **fused)
 
             us = _graph_time_us(tri, copies)
         except Exception as e:  # noqa: BLE001 — a config that fails to compile / launch is skipped
@@ -480,59 +578,62 @@ def tune_shape(N: int, K: int, dtype: torch.dtype, device, has_bias: bool = Fals
         rec["all"][str(cfg)] = us
         if best is None or us < best[1]:
             best = (cfg, us)
-    rec["floor_us"] = N * K * elt / 3.35e12 * 1e6
+    rec["floor_us"] = (N * K + rows * (K + n_out)) * elt / 3.35e12 * 1e6
     margin = 0.98 if variant == "plain" else 1.0
     rec["config"] = best[0] if best and best[1] < margin * rec["baseline_us"] else None
     rec["triton_us"] = best[1] if best else None
-    _CHOICE[_key(ws[0], has_bias, variant)] = rec["config"]
+    _CHOICE[_key(ws[0], has_bias, variant, rows)] = rec["config"]
     TUNE_LOG.append(rec)
     del ws
     return rec
 
 
-def _decode_calls(model: nn.Module) -> list:
-    """(weight, has_bias, variant) of every matmul a batch-1 decode step of `model` would send to a Triton
-    GEMV: recorded from one eager step on a throw-away cache (HybridLM), else the model's Linear and fused
-    projection shapes (plain)."""
+def _decode_calls(model: nn.Module, batch: int = 1) -> list:
+    """(weight, has_bias, variant, rows) of every matmul a batch-`batch` decode step of `model` would send to
+    a Triton kernel: recorded from one eager step on a throw-away cache (HybridLM), else the model's Linear
+    and fused projection shapes (plain)."""
     step, init_cache = getattr(model, "step", None), getattr(model, "init_cache", None)
     if callable(step) and callable(init_cache):
         p = next(model.parameters())
         try:
-            cache = init_cache(1, max_seqlen=4, device=p.device, dtype=p.dtype)
+            cache = init_cache(batch, max_seqlen=4, device=p.device, dtype=p.dtype)
             with recording() as calls, torch.no_grad():
-                step(torch.zeros(1, dtype=torch.long, device=p.device), cache)
+                step(torch.zeros(batch, dtype=torch.long, device=p.device), cache)
             plain = [c for c in calls.values() if c[2] == "plain"]
             return plain + [c for c in calls.values() if c[2] != "plain"]     # baselines first
         except Exception as e:  # noqa: BLE001 — tuning must not break generation: fall back to the shapes
             print(f"hybridize: could not record the decode step's matmuls ({type(e).__name__}: {e}); tuning "
-                  "the plain GEMV shapes only", file=sys.stderr)
-    return [(w, b, "plain") for w, b in model_weight_shapes(model)]
+                  "the plain shapes only", file=sys.stderr)
+    return [(w, b, "plain", batch) for w, b in model_weight_shapes(model)]
 
 
-def prepare_decode_gemv(model: nn.Module, tune: bool = True) -> dict:
-    """Route `model`'s Linears through `linear` and make sure each matmul of its batch-1 decode step (plain
-    and fused variants, `_decode_calls`) has a tuning decision on this device (from the disk cache, else
-    measured now: ~1-3 s each). Returns {"routed": n, "shapes": {…: config or None}, "tuned_now": [records]}.
-    No-op off CUDA / when HYBRIDIZE_GEMV=0 / without triton."""
+def prepare_decode_gemv(model: nn.Module, tune: bool = True, batch: int = 1) -> dict:
+    """Route `model`'s Linears through `linear` and make sure each matmul of its batch-`batch` decode step
+    (plain and fused variants, `_decode_calls`) has a tuning decision on this device (from the disk cache,
+    else measured now: ~1-3 s each). Returns {"routed": n, "shapes": {…: config or None}, "tuned_now":
+    [records]}. No-op off CUDA / when HYBRIDIZE_GEMV=0 (HYBRIDIZE_GEMM=0 for batch > 1) / without triton /
+    for batches over MAX_ROWS."""
     out: dict = {"routed": 0, "shapes": {}, "tuned_now": []}
     params = list(model.parameters())
-    if not gemv_wanted() or not params or not params[0].is_cuda or not use_kernels(params[0]):
+    if not gemv_wanted() or not params or not params[0].is_cuda or not use_kernels(params[0]) \
+            or not 1 <= batch <= MAX_ROWS or (batch > 1 and not _GEMM_WANTED[0]):
         return out
     out["routed"] = route_linears_(model)
     disk = _load_disk()
     new: dict = {}
-    calls = [c for c in _decode_calls(model) if c[0].dtype in _SUPPORTED]
+    calls = [c for c in _decode_calls(model, batch) if c[0].dtype in _SUPPORTED]
     todo = sum(_key(*c) not in _CHOICE and _disk_key(*c) not in disk for c in calls)
     if todo and tune:
-        print(f"hybridize: tuning the batch-1 GEMV for {todo} matrix shape(s) / fused variant(s) on this GPU "
+        what = "GEMV" if batch == 1 else f"skinny GEMM ({batch} rows)"
+        print(f"hybridize: tuning the decode {what} for {todo} matrix shape(s) / fused variant(s) on this GPU "
               f"(once; cached in {_cache_path()})", file=sys.stderr, flush=True)
-    for w, has_bias, variant in calls:
-        key, skey = _key(w, has_bias, variant), _disk_key(w, has_bias, variant)
+    for w, has_bias, variant, rows in calls:
+        key, skey = _key(w, has_bias, variant, rows), _disk_key(w, has_bias, variant, rows)
         if key not in _CHOICE and skey in disk:
             cfg = disk[skey]
             _CHOICE[key] = tuple(cfg) if cfg else None
         if key not in _CHOICE and tune:
-            rec = tune_shape(w.shape[0], w.shape[1], w.dtype, w.device, has_bias, variant=variant)
+            rec = tune_shape(w.shape[0], w.shape[1], w.dtype, w.device, has_bias, variant=variant, rows=rows)
             out["tuned_now"].append(rec)
             new[skey] = rec["config"]
         out["shapes"][skey] = _CHOICE.get(key)
@@ -541,5 +642,6 @@ def prepare_decode_gemv(model: nn.Module, tune: bool = True) -> dict:
     return out
 
 
-__all__ = ["linear", "fused_linear", "ConvUpdate", "conv_variant", "gemv_fusion_wanted", "variant_name", "recording", "gemv_fused_reference", "GemvLinear", "route_linears_", "unroute_linears_", "prepare_decode_gemv", "tune_shape",
-           "gemv_reference", "gemv_wanted"]
+__all__ = ["linear", "fused_linear", "ConvUpdate", "conv_variant", "gemv_fusion_wanted", "variant_name", "recording",
+           "gemv_fused_reference", "GemvLinear", "route_linears_", "unroute_linears_", "prepare_decode_gemv",
+           "tune_shape", "gemv_reference", "gemv_wanted", "gemm_wanted", "MAX_ROWS"]
