@@ -86,7 +86,7 @@ def test_gemm_matches_reference(M, N, K, bias, dtype, reduce_spy):
         n_reduce = len(reduce_spy.calls)
         got = kern.skinny_gemm_triton(x, w, b, cfg)
         assert got.shape == (M, N) and got.dtype == dtype and got.device == x.device
-        torch.testing.assert_close(got.float(), want.float(), **_tol(dtype), msg=lambda m: f"{cfg}: {m}")
+        torch.testing.assert_close(got.float(), want.float(), **_tol(dtype), msg=lambda m, c=cfg: f"{c}: {m}")
         split = _splits(cfg, N, K)
         assert len(reduce_spy.calls) == n_reduce + (split > 1)     # the partials went through the reduce
         if split > 1:
@@ -121,7 +121,7 @@ def test_every_candidate_and_strided_operands():
     want = skinny_gemm_reference(x, w, b)
     for cfg in kern.CANDIDATES:
         got = kern.skinny_gemm_triton(x, w, b, cfg)
-        torch.testing.assert_close(got, want, **_tol(torch.float32), msg=lambda m: f"{cfg}: {m}")
+        torch.testing.assert_close(got, want, **_tol(torch.float32), msg=lambda m, c=cfg: f"{c}: {m}")
     # the default config (config=None) too
     torch.testing.assert_close(kern.skinny_gemm_triton(x, w, b), want, **_tol(torch.float32))
 
@@ -172,13 +172,13 @@ def test_fusions_match_reference(case, dtype, reduce_spy):
             assert isinstance(got, torch.Tensor)
             want_y = want
         assert got.shape == (M, N) and got.dtype == dtype
-        torch.testing.assert_close(got.float(), want_y.float(), **_tol(dtype), msg=lambda m: f"{cfg}: {m}")
+        torch.testing.assert_close(got.float(), want_y.float(), **_tol(dtype), msg=lambda m, c=cfg: f"{c}: {m}")
         split = _splits(cfg, N, K)
         assert len(reduce_spy.calls) == n_reduce + (split > 1)
         if split > 1:
             assert reduce_spy.calls[-1]["NORM_SCALAR"] == norm_scalar
             assert reduce_spy.calls[-1]["GLU"] == kern.GLU_CODES.get(kw["glu"], 0)
-    assert sorted(_splits(c, N, K) for c in FUSED_CONFIGS)[-1] > 1
+    assert max(_splits(c, N, K) for c in FUSED_CONFIGS) > 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -209,12 +209,9 @@ def test_norm_with_split_k_sums_the_partial_squares(dtype, glu, reduce_spy):
     torch.testing.assert_close(three.float(), want, **_tol(dtype))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: grouped norm with eps=0 and K % block_k != 0 → NaN "
-                                       "(zero-padded groups: 0 * 1/sqrt(0))")
 def test_grouped_norm_eps0_with_a_partial_k_tile():
     """K = 96, block_k = 64: the second tile's last 32 lanes are padding, a whole zero group whose rstd is
-    1/sqrt(0 + eps); with eps = 0 that is inf, 0 * inf = NaN enters the dot (NaN * 0 = NaN) and every
-    output is NaN, though the reference (no padding) is finite."""
+    1/sqrt(0 + eps); with eps = 0 that is inf, and 0 * inf = NaN must not enter the dot (it did once)."""
     g = _gen(3)
     M, N, K = 3, 16, 96
     x, w, nw = _mk(g, torch.float32, M, K), _mk(g, torch.float32, N, K, scale=0.1), _mk(g, torch.float32, K)
@@ -335,3 +332,13 @@ def test_edge_rows(M, reduce_spy):
         assert y.shape == (M, N) and torch.equal(h, want_h)
         torch.testing.assert_close(y, want_y, **_tol(dtype))
     assert [c["SPLIT"] for c in reduce_spy.calls] == [2, 3]
+
+
+def test_out_and_norm_group_are_validated():
+    x, w = torch.randn(3, 32).to(DEVICE), torch.randn(16, 32).to(DEVICE)
+    for bad in (torch.empty(16, 3, device=DEVICE).t(), torch.empty(2, 16, device=DEVICE),
+                torch.empty(3, 16, device=DEVICE, dtype=torch.float16)):
+        with pytest.raises(ValueError, match="out must be"):
+            kern.skinny_gemm_triton(x, w, out=bad)
+    with pytest.raises(ValueError, match="norm_group must be >= 0"):
+        kern.skinny_gemm_triton(x, w, norm_weight=torch.ones(32, device=DEVICE), norm_group=-1)

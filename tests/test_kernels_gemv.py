@@ -536,3 +536,32 @@ def test_batched_fused_decode_step_matches_the_unfused_step(pattern, monkeypatch
                 torch.testing.assert_close(getattr(a, name).float(), getattr(b, name).float(), atol=2e-2, rtol=2e-2)
     # every step: per layer in-proj / out-proj / gate-up / down, and the head — all on the skinny GEMM
     assert len(ran) == 3 * (4 * len(pattern) + 1), len(ran)
+
+
+def test_gemv_grouped_norm_eps0_with_a_partial_k_tile():
+    """K = 96, block_k = 64: the padding lanes of the last tile form a zero group; with eps = 0 its
+    1/sqrt(0) must not turn the output into NaN."""
+    g = torch.Generator().manual_seed(3)
+    x, w, nw = torch.randn(1, 96, generator=g), torch.randn(16, 96, generator=g) / 10, torch.randn(96, generator=g)
+    x, w, nw = x.to(DEVICE), w.to(DEVICE), nw.to(DEVICE)
+    want = ref.gemv_fused_reference(x, w, norm_weight=nw, norm_group=32)
+    got = kern.gemv_triton(x, w, None, kern.GemvConfig(16, 64, 4, 1), norm_weight=nw, norm_group=32)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, **_tol(torch.float32))
+
+
+def test_fused_variants_stop_at_fused_max_rows(monkeypatch):
+    """Above FUSED_MAX_ROWS rows a fused variant is neither looked up nor recorded (it lost on the GPU);
+    the plain matmul still is."""
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "1")
+    w = torch.randn(16, 32).to(DEVICE, torch.float16)
+    n = gemv.FUSED_MAX_ROWS
+    for rows in (n, n + 1):
+        monkeypatch.setitem(gemv._CHOICE, gemv._key(w, False, "norm", rows), (16, 32, 1, 4, 2))
+        monkeypatch.setitem(gemv._CHOICE, gemv._key(w, False, "plain", rows), (16, 32, 1, 4, 2))
+    with gemv.recording() as calls:
+        for rows in (n, n + 1):
+            x = torch.randn(rows, 32).to(DEVICE, torch.float16)
+            assert gemv._gemv_config(x, w, None, "plain") is not None
+            assert (gemv._gemv_config(x, w, None, "norm") is not None) == (rows == n)
+    assert sorted((v, r) for _, _, v, r in calls.values()) == [("norm", n), ("plain", n), ("plain", n + 1)]

@@ -7,7 +7,7 @@ idle. Here the weight is the MMA's left operand (swap-AB: acc (BLOCK_N, BLOCK_M)
 tiny M is the MMA's N dimension), each program streams BLOCK_N rows of W (evict-first: read once per step),
 and for short N the K axis is split over SPLIT_K programs whose fp32 partials a second kernel sums in a
 fixed order (deterministic: no atomics), adding the bias and casting. Configs are tuned per shape against
-cuBLAS (`hybridize.ops.gemm.tune_shape`) and used only where they win.
+cuBLAS (`hybridize.ops.gemv.tune_shape` with rows > 1) and used only where they win.
 """
 from __future__ import annotations
 
@@ -112,7 +112,8 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stri
                 else:       # whole groups in every tile (BLOCK_K % NORM_GROUP == 0, K % NORM_GROUP == 0)
                     xg = tl.reshape(x, (BLOCK_M, BLOCK_K // NORM_GROUP, NORM_GROUP))
                     rg = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=2) / NORM_GROUP + eps)
-                    x = tl.reshape(xg * rg[:, :, None], (BLOCK_M, BLOCK_K))
+                    # padding lanes (K % BLOCK_K) form whole zero groups: 0 · rsqrt(0 + eps) is NaN at eps = 0
+                    x = tl.where(xmask, tl.reshape(xg * rg[:, :, None], (BLOCK_M, BLOCK_K)), 0.0)
                 x = x * (tl.load(NormW + kk, mask=kmask, other=0.0).to(tl.float32) + norm_offset)[None, :]
         xt = tl.trans(x)
         if EVEN_K:
@@ -260,6 +261,12 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if norm_group and (K % norm_group or cfg.block_k % norm_group):
         raise ValueError(f"skinny_gemm: a norm over groups of {norm_group} needs K ({K}) and block_k "
                          f"({cfg.block_k}) to be multiples of it")
+    if out is not None and (tuple(out.shape) != (M, N) or out.stride(-1) != 1 or out.dtype != x.dtype
+                            or out.device != x.device):
+        raise ValueError(f"skinny_gemm: out must be ({M}, {N}) {x.dtype} on {x.device} with unit stride along N, "
+                         f"got {tuple(out.shape)} {out.dtype} strides {tuple(out.stride())}")
+    if norm_group < 0:
+        raise ValueError(f"skinny_gemm: norm_group must be >= 0 (0: one group over K), got {norm_group}")
     y = out if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
     h = torch.empty(M, K, device=x.device, dtype=x.dtype) if add is not None else None
     if M == 0 or K == 0 or (N == 0 and add is None):

@@ -42,6 +42,12 @@ _RECORD: Optional[dict] = None
 _SUPPORTED = (torch.bfloat16, torch.float16)
 #: most rows the skinny GEMM takes (`hybridize.ops.gemm.triton.MAX_M`)
 MAX_ROWS = 128
+#: most rows for which the fused variants are tried: the prologue (add / gate / norm) reworks the (rows, K)
+#: input in every program, as much work as the weight tile once rows ~ block_n. At 64 rows on an H100 every
+#: fused variant lost to the plain GEMM + the separate kernels by 0.7-6.7 µs (qkv + norm 12.7 vs 10.3 µs,
+#: Mamba-2's gated norm + out_proj 15.8 vs 9.1; benchmarks/results/decode_b64_skinny_h100.json), so above
+#: this the parts run separately (the plain matmul still takes the skinny GEMM where it won)
+FUSED_MAX_ROWS = 16
 #: every `tune_shape` record of this process (benchmarks put it in their JSON)
 TUNE_LOG: list = []
 
@@ -152,7 +158,8 @@ def _gemv_config(x: Tensor, weight: Tensor, bias: Optional[Tensor], variant: str
             or not use_kernels(x, weight):
         return None
     rows = x.numel() // K if K else 0
-    if rows < 1 or rows > MAX_ROWS or (rows > 1 and not _GEMM_WANTED[0]):
+    if rows < 1 or rows > MAX_ROWS or (rows > 1 and not _GEMM_WANTED[0]) \
+            or (rows > FUSED_MAX_ROWS and variant != "plain"):
         return None
     key = _key(weight, bias is not None, variant, rows)
     if _RECORD is not None:

@@ -102,7 +102,8 @@ def _build():
                 else:                    # groups of NORM_GROUP channels, whole groups in every tile
                     xg = tl.reshape(x, (BLOCK_K // NORM_GROUP, NORM_GROUP))
                     rg = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=1) / NORM_GROUP + eps)
-                    x = tl.reshape(xg * rg[:, None], (BLOCK_K,))
+                    # padding lanes (K % BLOCK_K) form whole zero groups: 0 · rsqrt(0 + eps) is NaN at eps = 0
+                    x = tl.where(kmask, tl.reshape(xg * rg[:, None], (BLOCK_K,)), 0.0)
                 x = x * (tl.load(NormW + kk, mask=kmask, other=0.0).to(tl.float32) + norm_offset)
             wmask = (rn < N)[:, None] & kmask[None, :]
             if EVEN_K and EVEN_N:
