@@ -104,7 +104,10 @@ def main(argv=None):
     variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("fill 1", dict(fill=1), "1"),
                 ("fill 3", dict(fill=3), "1"), ("fill 4", dict(fill=4), "1"),
                 ("merge warps 2", dict(merge_warps=2), "1"), ("merge warps 1", dict(merge_warps=1), "1"),
-                ("merge bs 16", dict(merge_bs=16), "1"), ("no rope", {}, "1")]
+                ("merge bs 16", dict(merge_bs=16), "1"), ("no rope", {}, "1"),
+                ("stages 3", dict(stages=3), "1"), ("stages 4", dict(stages=4), "1"),
+                ("block 128", dict(block_n=128), "1"), ("block 128 stages 3", dict(block_n=128, stages=3), "1"),
+                ("warps 4", dict(warps=4), "1"), ("fill 2 block 32", dict(block_n=32), "1")]
     if args.variants:
         keep = set(args.variants.split(","))
         variants = [v for v in variants if v[0] in keep]
