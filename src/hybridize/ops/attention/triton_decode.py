@@ -54,7 +54,10 @@ _SINGLE_SPLIT_MAX_BLOCKS = 4
 #: Optional keys: "block_n" (cache slots per tile; 128 and 32 were slower at 1-8k tokens), "single_max_blocks",
 #: "precise". A merge done by the last split program (atomic counters, no merge kernel) was slower too
 #: (22-26 vs 22.7 µs a layer at 8k; attn_decode_probe3_h100.json) and was dropped.
-FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, merge_bs=64, merge_warps=1, fill=2)
+#: "stages_long": the split path's pipeline stages once a split reads >= 4 blocks (8k tokens at batch 1:
+#: 13.7 vs 14.6 µs a layer with 3 stages; at 4k, 2 blocks a split, 3 stages lost: 10.8 vs 10.5;
+#: attn_decode_probe2_s8_h100.json).
+FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, stages_long=3, merge_bs=64, merge_warps=1, fill=2)
 
 
 def _next_pow2(n: int) -> int:
@@ -529,7 +532,8 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         PRECISE=os.environ.get("TRITON_INTERPRET") != "1" and FUSED_TUNE.get("precise", True), SINGLE=single,
         ONE=T == 1, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)),
-        num_warps=int(FUSED_TUNE["single_warps" if single else "warps"]), num_stages=int(FUSED_TUNE["stages"]),
+        num_warps=int(FUSED_TUNE["single_warps" if single else "warps"]),
+        num_stages=int(FUSED_TUNE["stages_long" if blocks_per_split >= 4 and not single else "stages"]),
         **pdl_launch(q.device))
     if not single:
         _merge(merge_kernel, Mo, Lo, Ao, out, lengths, Hkv, G, R, P, S, RB, T, BLOCK_R, BLOCK_P,
