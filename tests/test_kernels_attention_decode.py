@@ -169,9 +169,13 @@ def _run_fused(case, dtype, monkeypatch):
     return c, (got, kc, vc, n), (want, ref_kc, ref_vc, ref_n)
 
 
+@pytest.mark.parametrize("early", [1, 0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(FUSED_CASES))
-def test_fused_decode_matches_unfused_reference(name, dtype, monkeypatch):
+def test_fused_decode_matches_unfused_reference(name, dtype, early, monkeypatch):
+    """early = 1 (default): lengths, RoPE tables and each split's first k / v tile read before the PDL wait,
+    the first tile attended outside the loop; 0: everything after the wait, one loop."""
+    monkeypatch.setitem(kern.FUSED_TUNE, "early", early)
     c, got, want = _run_fused(FUSED_CASES[name], dtype, monkeypatch)
     S = kern._tiles(c["B"], c["Hkv"], c["T"] * c["H"] // c["Hkv"], c["C"], c["P"], torch.device(DEVICE),
                     kern._SINGLE_SPLIT_MAX_BLOCKS, kern.FUSED_TUNE["fill"])[4]

@@ -498,11 +498,13 @@ def test_linear_routes_rows_to_the_skinny_gemm(monkeypatch):
     assert len(ran) == 1
 
 
+@pytest.mark.parametrize("batch", [3, gemv.FUSED_MAX_ROWS + 1])
 @pytest.mark.parametrize("pattern", [("attention", "mamba2", "rglru")])
-def test_batched_fused_decode_step_matches_the_unfused_step(pattern, monkeypatch):
-    """A whole batch-3 decode step with every matmul on the skinny GEMM (fused norms, residual adds, GLU,
-    gated norm, head) against the same step with cuBLAS and the separate ops: same logits and states, step
-    after step. fp16 (the interpreter's bf16 dots are wrong); the mixers' own ops take their references."""
+def test_batched_fused_decode_step_matches_the_unfused_step(pattern, batch, monkeypatch):
+    """A whole batched decode step with every matmul on the skinny GEMM (fused norms, residual adds, GLU,
+    gated norm, head; above FUSED_MAX_ROWS rows the epilogue fusions only) against the same step with cuBLAS
+    and the separate ops: same logits and states, step after step. fp16 (the interpreter's bf16 dots are
+    wrong); the mixers' own ops take their references."""
     monkeypatch.setenv("HYBRIDIZE_KERNELS", "0")
     monkeypatch.setattr(gemv, "use_kernels", lambda *a: True)
     import copy
@@ -510,19 +512,22 @@ def test_batched_fused_decode_step_matches_the_unfused_step(pattern, monkeypatch
     torch.manual_seed(0)
     model = hz.HybridLM(cfg).to(DEVICE, torch.float16).eval().fuse_projections_()
     ref_model = copy.deepcopy(model)
-    calls = gemv._decode_calls(model, batch=3)
-    assert calls and all(rows == 3 for *_, rows in calls)
+    calls = gemv._decode_calls(model, batch=batch)
+    assert calls and all(rows == batch for *_, rows in calls)
     variants = {v for _, _, v, _ in calls}
-    assert {"norm", "norm+glu:silu", "res", "gate+norm:16+res"} <= variants, variants
+    if batch <= gemv.FUSED_MAX_ROWS:
+        assert {"norm", "norm+glu:silu", "res", "gate+norm:16+res"} <= variants, variants
+    else:
+        assert variants == {"plain", "glu:silu", "res"}, variants
     assert not any("conv" in v for v in variants)               # the conv step stays its own kernel here
     for w, has_bias, variant, rows in calls:
         monkeypatch.setitem(gemv._CHOICE, gemv._key(w, has_bias, variant, rows), (32, 64, 1, 4, 2))
     ran = []
     real = gemv._run_gemm
     monkeypatch.setattr(gemv, "_run_gemm", lambda *a, **k: ran.append(1) or real(*a, **k))
-    cache = model.init_cache(3, max_seqlen=8, device=DEVICE)
-    ref_cache = ref_model.init_cache(3, max_seqlen=8, device=DEVICE)
-    ids = torch.randint(0, cfg.vocab_size, (3, 3), device=DEVICE)
+    cache = model.init_cache(batch, max_seqlen=8, device=DEVICE)
+    ref_cache = ref_model.init_cache(batch, max_seqlen=8, device=DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (3, batch), device=DEVICE)
     for t in range(3):
         got = model.step(ids[t], cache)
         saved = dict(gemv._CHOICE)
@@ -550,18 +555,58 @@ def test_gemv_grouped_norm_eps0_with_a_partial_k_tile():
     torch.testing.assert_close(got, want, **_tol(torch.float32))
 
 
-def test_fused_variants_stop_at_fused_max_rows(monkeypatch):
-    """Above FUSED_MAX_ROWS rows a fused variant is neither looked up nor recorded (it lost on the GPU);
-    the plain matmul still is."""
+def test_prologue_variants_stop_at_fused_max_rows(monkeypatch):
+    """Above FUSED_MAX_ROWS rows a variant with a prologue (add / gate / norm) is neither looked up nor
+    recorded (it lost on the GPU); the plain matmul and the epilogue-only variants (GLU, residual) still are."""
     monkeypatch.setenv("HYBRIDIZE_KERNELS", "1")
     w = torch.randn(16, 32).to(DEVICE, torch.float16)
     n = gemv.FUSED_MAX_ROWS
+    variants = ("plain", "norm", "glu:silu", "res", "norm+glu:silu")
     for rows in (n, n + 1):
-        monkeypatch.setitem(gemv._CHOICE, gemv._key(w, False, "norm", rows), (16, 32, 1, 4, 2))
-        monkeypatch.setitem(gemv._CHOICE, gemv._key(w, False, "plain", rows), (16, 32, 1, 4, 2))
+        for v in variants:
+            monkeypatch.setitem(gemv._CHOICE, gemv._key(w, False, v, rows), (16, 32, 1, 4, 2))
     with gemv.recording() as calls:
         for rows in (n, n + 1):
             x = torch.randn(rows, 32).to(DEVICE, torch.float16)
-            assert gemv._gemv_config(x, w, None, "plain") is not None
-            assert (gemv._gemv_config(x, w, None, "norm") is not None) == (rows == n)
-    assert sorted((v, r) for _, _, v, r in calls.values()) == [("norm", n), ("plain", n), ("plain", n + 1)]
+            for v in variants:
+                want = rows == n or v in ("plain", "glu:silu", "res")
+                assert (gemv._gemv_config(x, w, None, v) is not None) == want, (rows, v)
+    assert sorted((v, r) for _, _, v, r in calls.values()) == sorted(
+        [(v, n) for v in variants] + [(v, n + 1) for v in ("plain", "glu:silu", "res")])
+
+
+@pytest.mark.parametrize("add", [False, True])
+def test_fused_linear_many_rows_keeps_the_epilogue(add, monkeypatch):
+    """Above FUSED_MAX_ROWS, fused_linear(x, add=, norm=, glu=, residual=) runs add + norm as separate ops
+    and asks for the epilogue-only variant (glu + residual): same result as the unfused ops, h returned."""
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "1")
+    g = torch.Generator().manual_seed(5)
+    rows, K, N = gemv.FUSED_MAX_ROWS + 3, 32, 24
+    from hybridize.layers.norm import RMSNorm
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE, torch.float16)   # noqa: E731
+    x, a, w, res = mk(rows, K), mk(rows, K), mk(2 * N, K) / 4, mk(rows, N)
+    norm = RMSNorm(K, eps=1e-5).to(DEVICE, torch.float16)
+    with torch.no_grad():
+        norm.weight.copy_(mk(K))
+    with gemv.recording() as calls, torch.no_grad():
+        untuned = gemv.fused_linear(x, w, None, add=a if add else None, norm=norm, glu="silu", residual=res)
+    # looked up: the epilogue variant, then (not tuned) the plain matmul of the separate ops
+    assert [v for _, _, v, _ in calls.values()] == ["glu:silu+res", "plain"]
+    monkeypatch.setitem(gemv._CHOICE, gemv._key(w, False, "glu:silu+res", rows), (16, 32, 1, 4, 2))
+    ran = []
+    real = gemv._run_gemm_fused
+    monkeypatch.setattr(gemv, "_run_gemm_fused", lambda *a, **k: ran.append(a[3:7]) or real(*a, **k))
+    with torch.no_grad():
+        got = gemv.fused_linear(x, w, None, add=a if add else None, norm=norm, glu="silu", residual=res)
+    assert len(ran) == 1 and all(t is None for t in ran[0][:3]) and ran[0][3] is not None   # no add / gate / norm
+    h = x + a if add else x
+    z = F.linear(norm(h), w)
+    want = res + F.silu(z[:, :N]) * z[:, N:]
+    if add:
+        torch.testing.assert_close(got[1], h)
+        torch.testing.assert_close(untuned[1], h)
+        got, untuned = got[0], untuned[0]
+    torch.testing.assert_close(untuned, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+

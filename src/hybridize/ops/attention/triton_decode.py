@@ -57,7 +57,10 @@ _SINGLE_SPLIT_MAX_BLOCKS = 4
 #: "stages_long": the split path's pipeline stages once a split reads >= 4 blocks (8k tokens at batch 1:
 #: 13.7 vs 14.6 µs a layer with 3 stages; at 4k, 2 blocks a split, 3 stages lost: 10.8 vs 10.5;
 #: attn_decode_probe2_s8_h100.json).
-FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, stages_long=3, merge_bs=64, merge_warps=1, fill=2)
+#: "early" (HYBRIDIZE_ATTN_EARLY, default 1): lengths, RoPE tables and the first k / v tile read before the
+#: PDL wait (see `_fused_split_kernel`).
+FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, stages_long=3, merge_bs=64, merge_warps=1, fill=2,
+                  early=int(os.environ.get("HYBRIDIZE_ATTN_EARLY", "1")))
 
 
 def _next_pow2(n: int) -> int:
@@ -224,6 +227,47 @@ def _build_kernels():
     globals()["_load_rope"] = _load_rope
 
     @triton.jit
+    def _cached_tile(kb, vb, s, hi, last, n0, C, p, pmask, skc, skp, svc, svp, window, HAS_WINDOW: tl.constexpr):
+        """Loads of one tile of cached slots s (BLOCK_N,): k, v (BLOCK_N, BLOCK_P) and keep (BLOCK_N,):
+        slots of the split (< hi) holding a token older than the new ones (stream index in [0, n0); the
+        new tokens' slots hold stale data until the owner split writes them), within the window."""
+        d = tl.where(s < hi, last - s, 0)
+        ts = last - d % C                         # stream index held by slot s once the T tokens are in
+        keep = (s < hi) & (ts >= 0) & (ts < n0)
+        if HAS_WINDOW:
+            keep = keep & (n0 - ts < window)                  # visible to the oldest query at least
+        kv_mask = keep[:, None] & pmask[None, :]
+        k = tl.load(kb + s[:, None] * skc + p[None, :] * skp, mask=kv_mask, other=0.0)
+        v = tl.load(vb + s[:, None] * svc + p[None, :] * svp, mask=kv_mask, other=0.0)
+        return k, v, keep, ts
+
+    @triton.jit
+    def _attend_tile(q, k, v, keep, ts, qpos, m_i, l_i, acc, qk_scale, window, HAS_WINDOW: tl.constexpr,
+                     IEEE: tl.constexpr):
+        """Online-softmax update of (m_i, l_i, acc) with one tile of cached tokens (`_cached_tile`)."""
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        valid = keep[None, :]                     # age = qpos - ts > 0 for every cached token
+        if HAS_WINDOW:
+            valid = valid & (qpos[:, None] - ts[None, :] < window)
+        qk = tl.where(valid, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        pr = tl.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    globals()["_cached_tile"] = _cached_tile
+    globals()["_attend_tile"] = _attend_tile
+
+    @triton.jit
     def _fused_split_kernel(Q, Kn, Vn, IF, Kc, Vc, N0, Cnt, Mo, Lo, Ao, Out,
                             sqb, sqt, sqh, sqp, snb, snt, snh, snp, sub, sut, suh, sup,
                             skb, skh, skc, skp, svb, svh, svc, svp, sob, sot, soh, sop,
@@ -231,25 +275,34 @@ def _build_kernels():
                             HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr,
                             INTERLEAVED: tl.constexpr, PRECISE: tl.constexpr, SINGLE: tl.constexpr,
                             ONE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = 0):
-        if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+                            BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = 0,
+                            EARLY: tl.constexpr = 0):
+        # EARLY (with PDL): lengths, the RoPE tables and the split's first tile of cached k / v are read
+        # before `gdc_wait` — while the q/k/v projection (the kernel just before, which writes none of them:
+        # lengths and the cache are written by this layer's attention kernels only) drains — so the wait is
+        # followed by q's load alone instead of the chain lengths → cos / sin → q → first k / v tile
         pid = tl.program_id(0).to(tl.int64)       # ((b · Hkv) + j) · RB + rb; int64 offsets throughout
         sid = tl.program_id(1).to(tl.int64)
         rb = pid % RB
         bj = pid // RB
         b = bj // Hkv
         j = bj % Hkv
-        n0 = tl.load(N0 + b).to(tl.int64)         # tokens cached before the T new ones
-        last = n0 + T - 1                         # stream index of the newest token
         r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         p = tl.arange(0, BLOCK_P)
         rmask = r < R
         pmask = p < P
         t = r // G
         h = j * G + r % G
+        lo = sid * slots_per_split
+        kb = Kc + b * skb + j * skh
+        vb = Vc + b * svb + j * svh
+        if PDL and not EARLY:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        n0 = tl.load(N0 + b).to(tl.int64)         # tokens cached before the T new ones
+        last = n0 + T - 1                         # stream index of the newest token
         qpos = n0 + t
+        hi = tl.minimum(tl.minimum(lo + slots_per_split, C), last + 1)
         # RoPE tables: one row when T = 1 (every query row and the new key sit at position n0)
         if ROPE:
             if ONE:
@@ -261,47 +314,30 @@ def _build_kernels():
             qc = tl.full([1, BLOCK_P], 1.0, tl.float32)
             qs = tl.zeros([1, BLOCK_P], tl.float32)
             partner = p
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
+        first = lo
+        if EARLY:
+            k0, v0, keep0, ts0 = _cached_tile(kb, vb, lo + tl.arange(0, BLOCK_N), hi, last, n0, C, p, pmask,
+                                              skc, skp, svc, svp, window, HAS_WINDOW)
+            first = lo + BLOCK_N
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
         q = _load_rope(Q + b * sqb + t * sqt + h * sqh, rmask[:, None] & pmask[None, :], p, sqp, qc, qs,
                        partner, ROPE)
         if IEEE:
             q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_R], tl.float32)
-        acc = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
-        # cached tokens: slots of this split that hold a token older than the new ones (stream index in
-        # [0, n0); the slots of the new tokens hold stale data until the owner split writes them)
-        lo = sid * slots_per_split
-        hi = tl.minimum(tl.minimum(lo + slots_per_split, C), last + 1)
-        kb = Kc + b * skb + j * skh
-        vb = Vc + b * svb + j * svh
-        for start in range(lo, hi, BLOCK_N):
-            s = start + tl.arange(0, BLOCK_N)
-            d = tl.where(s < hi, last - s, 0)
-            ts = last - d % C                     # stream index held by slot s once the T tokens are in
-            keep = (s < hi) & (ts >= 0) & (ts < n0)
-            if HAS_WINDOW:
-                keep = keep & (n0 - ts < window)              # visible to the oldest query at least
-            kv_mask = keep[:, None] & pmask[None, :]
-            k = tl.load(kb + s[:, None] * skc + p[None, :] * skp, mask=kv_mask, other=0.0)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            valid = keep[None, :]                 # age = qpos - ts > 0 for every cached token
-            if HAS_WINDOW:
-                valid = valid & (qpos[:, None] - ts[None, :] < window)
-            qk = tl.where(valid, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            pr = tl.exp2(qk - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            v = tl.load(vb + s[:, None] * svc + p[None, :] * svp, mask=kv_mask, other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-            m_i = m_new
+        if EARLY:
+            m_i, l_i, acc = _attend_tile(q, k0, v0, keep0, ts0, qpos, m_i, l_i, acc, qk_scale, window,
+                                         HAS_WINDOW, IEEE)
+        # cached tokens: the split's slots holding a token older than the new ones
+        for start in range(first, hi, BLOCK_N):
+            k, v, keep, ts = _cached_tile(kb, vb, start + tl.arange(0, BLOCK_N), hi, last, n0, C, p, pmask,
+                                          skc, skp, svc, svp, window, HAS_WINDOW)
+            m_i, l_i, acc = _attend_tile(q, k, v, keep, ts, qpos, m_i, l_i, acc, qk_scale, window, HAS_WINDOW,
+                                         IEEE)
         # the T new tokens, from registers, by the split owning the newest token's slot
         if sid == (last % C) // slots_per_split:
             tn = tl.arange(0, BLOCK_T)            # BLOCK_T = 1 when T = 1
@@ -531,7 +567,7 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         HAS_WINDOW=window > 0, IEEE=_ieee(q.dtype), ROPE=half > 0, INTERLEAVED=bool(interleaved),
         PRECISE=os.environ.get("TRITON_INTERPRET") != "1" and FUSED_TUNE.get("precise", True), SINGLE=single,
         ONE=T == 1, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
-        BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)),
+        BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)), EARLY=int(FUSED_TUNE.get("early", 1)),
         num_warps=int(FUSED_TUNE["single_warps" if single else "warps"]),
         num_stages=int(FUSED_TUNE["stages_long" if blocks_per_split >= 4 and not single else "stages"]),
         **pdl_launch(q.device))

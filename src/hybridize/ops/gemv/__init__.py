@@ -42,11 +42,11 @@ _RECORD: Optional[dict] = None
 _SUPPORTED = (torch.bfloat16, torch.float16)
 #: most rows the skinny GEMM takes (`hybridize.ops.gemm.triton.MAX_M`)
 MAX_ROWS = 128
-#: most rows for which the fused variants are tried: the prologue (add / gate / norm) reworks the (rows, K)
-#: input in every program, as much work as the weight tile once rows ~ block_n. At 64 rows on an H100 every
-#: fused variant lost to the plain GEMM + the separate kernels by 0.7-6.7 µs (qkv + norm 12.7 vs 10.3 µs,
-#: Mamba-2's gated norm + out_proj 15.8 vs 9.1; benchmarks/results/decode_b64_skinny_h100.json), so above
-#: this the parts run separately (the plain matmul still takes the skinny GEMM where it won)
+#: most rows for which the fused variants with a prologue (add / gate / norm) are tried: the prologue reworks
+#: the (rows, K) input in every program, as much work as the weight tile once rows ~ block_n. At 64 rows on an
+#: H100 every such variant lost to the plain GEMM + the separate kernels by 0.7-6.7 µs (qkv + norm 12.7 vs
+#: 10.3 µs, Mamba-2's gated norm + out_proj 15.8 vs 9.1; benchmarks/results/decode_b64_skinny_h100.json), so
+#: above this `fused_linear` runs the prologue as separate ops and fuses the epilogue (GLU / residual) only
 FUSED_MAX_ROWS = 16
 #: every `tune_shape` record of this process (benchmarks put it in their JSON)
 TUNE_LOG: list = []
@@ -116,6 +116,12 @@ def _parse_variant(variant: str) -> dict:
                                                     bias=conv[4] == "bias"))
 
 
+def _has_prologue(variant: str) -> bool:
+    """Whether a fused variant reworks the input (add / gate / norm), which only pays up to FUSED_MAX_ROWS."""
+    v = _parse_variant(variant)
+    return v["add"] or v["gate"] or v["norm"]
+
+
 class recording:
     """``with recording() as calls:`` collects, instead of nothing, every (weight, has_bias, variant, rows)
     that a `linear` / `fused_linear` call could run as a Triton kernel (tuned or not): what
@@ -159,7 +165,7 @@ def _gemv_config(x: Tensor, weight: Tensor, bias: Optional[Tensor], variant: str
         return None
     rows = x.numel() // K if K else 0
     if rows < 1 or rows > MAX_ROWS or (rows > 1 and not _GEMM_WANTED[0]) \
-            or (rows > FUSED_MAX_ROWS and variant != "plain"):
+            or (rows > FUSED_MAX_ROWS and _has_prologue(variant)):
         return None
     key = _key(weight, bias is not None, variant, rows)
     if _RECORD is not None:
@@ -310,6 +316,13 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
         raise ValueError(f"fused_linear: glu must be one of {sorted(GLU_ACTS)}, got {glu!r}")
     if conv is not None and (add is not None or gate is not None or glu is not None or residual is not None):
         raise ValueError("fused_linear: a conv epilogue combines with a norm only (no add / gate / glu / residual)")
+    if (add is not None or norm is not None) and (glu is not None or residual is not None) and conv is None \
+            and x.shape[-1] and x.numel() // x.shape[-1] > FUSED_MAX_ROWS:
+        # many rows: the prologue (add / norm) runs as its own ops, the epilogue (GLU / residual) stays fused
+        h = x if add is None else x + add
+        y = fused_linear(norm(h, gate) if gate is not None else (norm(h) if norm is not None else h),
+                         weight, bias, glu=glu, residual=residual)
+        return (y, h) if add is not None else y
     nparams = _norm_params(norm, gate is not None) if norm is not None else None
     extras = [t for t in (add, gate, residual) if t is not None]
     cfg = None

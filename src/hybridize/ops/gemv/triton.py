@@ -27,10 +27,7 @@ def _build():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _prefetch_l2(ptrs):
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+    from hybridize.ops._prefetch import prefetch_l2 as _prefetch_l2
 
     @triton.jit
     def _gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
