@@ -169,7 +169,7 @@ def _run_fused(case, dtype, monkeypatch):
     return c, (got, kc, vc, n), (want, ref_kc, ref_vc, ref_n)
 
 
-@pytest.mark.parametrize("early", [1, 0])
+@pytest.mark.parametrize("early", [1, 0, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(FUSED_CASES))
 def test_fused_decode_matches_unfused_reference(name, dtype, early, monkeypatch):
@@ -443,10 +443,13 @@ _FUSED_REAL = {
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("early", [0, 1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("case", list(_FUSED_REAL))
-def test_gpu_fused_decode_real_shape(case, T, dtype):
+def test_gpu_fused_decode_real_shape(case, T, dtype, early, monkeypatch):
+    """Every pre-wait mode (`FUSED_TUNE["early"]`; 2, the L2 prefetch, needs the GPU)."""
+    monkeypatch.setitem(kern.FUSED_TUNE, "early", early)
     c = dict(_FUSED_REAL[case])
     window, lens = c.pop("window"), c.pop("lens")
     q, k, v, inv_freq, kc, vc, n = _fused_inputs(**c, T=T, lens=lens, rot=c["P"], dtype=dtype)

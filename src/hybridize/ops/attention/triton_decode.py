@@ -264,6 +264,8 @@ def _build_kernels():
             acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
         return m_new, l_i, acc
 
+    from hybridize.ops._prefetch import prefetch_l2 as _prefetch_l2
+    globals()["_prefetch_l2"] = _prefetch_l2
     globals()["_cached_tile"] = _cached_tile
     globals()["_attend_tile"] = _attend_tile
 
@@ -276,11 +278,12 @@ def _build_kernels():
                             INTERLEAVED: tl.constexpr, PRECISE: tl.constexpr, SINGLE: tl.constexpr,
                             ONE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = 0,
-                            EARLY: tl.constexpr = 0):
-        # EARLY (with PDL): lengths, the RoPE tables and the split's first tile of cached k / v are read
-        # before `gdc_wait` — while the q/k/v projection (the kernel just before, which writes none of them:
-        # lengths and the cache are written by this layer's attention kernels only) drains — so the wait is
-        # followed by q's load alone instead of the chain lengths → cos / sin → q → first k / v tile
+                            EARLY: tl.constexpr = 0, LINE: tl.constexpr = 64):
+        # EARLY (with PDL): lengths and the RoPE tables are read / computed before `gdc_wait`, and the split's
+        # cached k / v with them (1: its first tile into registers; 2: all its slots L2-prefetched) — while
+        # the q/k/v projection (the kernel just before, which writes none of them: lengths and the cache are
+        # written by this layer's attention kernels only) drains — so the wait is followed by q's load alone
+        # instead of the chain lengths → cos / sin → q → k / v tiles
         pid = tl.program_id(0).to(tl.int64)       # ((b · Hkv) + j) · RB + rb; int64 offsets throughout
         sid = tl.program_id(1).to(tl.int64)
         rb = pid % RB
@@ -318,26 +321,32 @@ def _build_kernels():
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
         first = lo
-        if EARLY:
+        if EARLY == 1:      # the first tile into registers; attended after the loop, whose loads go first
             k0, v0, keep0, ts0 = _cached_tile(kb, vb, lo + tl.arange(0, BLOCK_N), hi, last, n0, C, p, pmask,
                                               skc, skp, svc, svp, window, HAS_WINDOW)
             first = lo + BLOCK_N
-            if PDL:
-                tl.extra.cuda.gdc_wait()
-                tl.extra.cuda.gdc_launch_dependents()
+        if EARLY == 2:      # the split's slots into L2 (LINE elements a prefetch)
+            pl = tl.minimum(tl.arange(0, BLOCK_P // LINE) * LINE, P - 1)
+            for start in range(lo, hi, BLOCK_N):
+                sp = tl.minimum(start + tl.arange(0, BLOCK_N), hi - 1)
+                _prefetch_l2(kb + sp[:, None] * skc + pl[None, :] * skp)
+                _prefetch_l2(vb + sp[:, None] * svc + pl[None, :] * svp)
+        if PDL and EARLY:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         q = _load_rope(Q + b * sqb + t * sqt + h * sqh, rmask[:, None] & pmask[None, :], p, sqp, qc, qs,
                        partner, ROPE)
         if IEEE:
             q = q.to(tl.float32)
-        if EARLY:
-            m_i, l_i, acc = _attend_tile(q, k0, v0, keep0, ts0, qpos, m_i, l_i, acc, qk_scale, window,
-                                         HAS_WINDOW, IEEE)
         # cached tokens: the split's slots holding a token older than the new ones
         for start in range(first, hi, BLOCK_N):
             k, v, keep, ts = _cached_tile(kb, vb, start + tl.arange(0, BLOCK_N), hi, last, n0, C, p, pmask,
                                           skc, skp, svc, svp, window, HAS_WINDOW)
             m_i, l_i, acc = _attend_tile(q, k, v, keep, ts, qpos, m_i, l_i, acc, qk_scale, window, HAS_WINDOW,
                                          IEEE)
+        if EARLY == 1:
+            m_i, l_i, acc = _attend_tile(q, k0, v0, keep0, ts0, qpos, m_i, l_i, acc, qk_scale, window,
+                                         HAS_WINDOW, IEEE)
         # the T new tokens, from registers, by the split owning the newest token's slot
         if sid == (last % C) // slots_per_split:
             tn = tl.arange(0, BLOCK_T)            # BLOCK_T = 1 when T = 1
@@ -559,6 +568,11 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         Lo = torch.empty(programs * S * BLOCK_R, **f32)
         Ao = torch.empty(programs * S * BLOCK_R * BLOCK_P, **f32)
         counters = lengths                                    # unused
+    pdl = pdl_launch(q.device)
+    early = int(FUSED_TUNE.get("early", 0))
+    line = 128 // k_cache.element_size()
+    if early == 2 and (not pdl["PDL"] or BLOCK_P < line):
+        early = 0                               # L2 prefetch: only where it can run before a PDL wait
     fused_split[(programs, S)](
         q, k, v, inv_freq, k_cache, v_cache, lengths, counters, Mo, Lo, Ao, out,
         *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
@@ -567,10 +581,9 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         HAS_WINDOW=window > 0, IEEE=_ieee(q.dtype), ROPE=half > 0, INTERLEAVED=bool(interleaved),
         PRECISE=os.environ.get("TRITON_INTERPRET") != "1" and FUSED_TUNE.get("precise", True), SINGLE=single,
         ONE=T == 1, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
-        BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)), EARLY=int(FUSED_TUNE.get("early", 1)),
+        BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)), EARLY=early, LINE=line,
         num_warps=int(FUSED_TUNE["single_warps" if single else "warps"]),
-        num_stages=int(FUSED_TUNE["stages_long" if blocks_per_split >= 4 and not single else "stages"]),
-        **pdl_launch(q.device))
+        num_stages=int(FUSED_TUNE["stages_long" if blocks_per_split >= 4 and not single else "stages"]), **pdl)
     if not single:
         _merge(merge_kernel, Mo, Lo, Ao, out, lengths, Hkv, G, R, P, S, RB, T, BLOCK_R, BLOCK_P,
                inc_lengths=True)
