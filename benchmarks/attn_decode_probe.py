@@ -101,8 +101,8 @@ def main(argv=None):
     # earlier sweeps (attn_decode_probe*_h100.json): fill / warps / merge_bs / RoPE / block 128 / block 32 /
     # stages 3; merge in the last split program instead of a merge kernel (commit 08de3f1,
     # attn_decode_probe3_h100.json: slower, dropped). Session 8: the merge loads all splits of a row at once.
-    # Session 9: "early" before the PDL wait: lengths + RoPE tables and (1) the first k / v tile in registers,
-    # (2) the split's k / v L2-prefetched, (3) nothing more
+    # Session 9: "early" (lengths + RoPE tables before the PDL wait) on / off; with the first k / v tile
+    # (registers, or the split L2-prefetched) too it was slower (commit 7c81b62, attn_decode_probe_s9_h100.json)
     variants = [("default", {}, "1"), ("pdl off", {}, "0"), ("fill 1", dict(fill=1), "1"),
                 ("fill 3", dict(fill=3), "1"), ("fill 4", dict(fill=4), "1"),
                 ("merge warps 2", dict(merge_warps=2), "1"), ("merge warps 1", dict(merge_warps=1), "1"),
@@ -110,9 +110,7 @@ def main(argv=None):
                 ("stages 3", dict(stages=3), "1"), ("stages 4", dict(stages=4), "1"),
                 ("block 128", dict(block_n=128), "1"), ("block 128 stages 3", dict(block_n=128, stages=3), "1"),
                 ("warps 4", dict(warps=4), "1"), ("fill 2 block 32", dict(block_n=32), "1"),
-                ("early off", dict(early=0), "1"), ("early off stages_long 2", dict(early=0, stages_long=2), "1"),
-                ("stages_long 2", dict(stages_long=2), "1"), ("stages_long 4", dict(stages_long=4), "1"),
-                ("early 1", dict(early=1), "1"), ("early 2", dict(early=2), "1"), ("early 3", dict(early=3), "1")]
+                ("early off", dict(early=0), "1")]
     if args.variants:
         keep = set(args.variants.split(","))
         variants = [v for v in variants if v[0] in keep]

@@ -57,8 +57,9 @@ _SINGLE_SPLIT_MAX_BLOCKS = 4
 #: "stages_long": the split path's pipeline stages once a split reads >= 4 blocks (8k tokens at batch 1:
 #: 13.7 vs 14.6 µs a layer with 3 stages; at 4k, 2 blocks a split, 3 stages lost: 10.8 vs 10.5;
 #: attn_decode_probe2_s8_h100.json).
-#: "early" (HYBRIDIZE_ATTN_EARLY, default 1): lengths, RoPE tables and the first k / v tile read before the
-#: PDL wait (see `_fused_split_kernel`).
+#: "early" (HYBRIDIZE_ATTN_EARLY, default 1): lengths and RoPE tables before the PDL wait (`_fused_split_kernel`;
+#: 13.1 vs 14.0 µs a layer at 8k, 9.9 vs 10.5 at 4k; the 1.2 B Transformer at batch 1 / 8k: 863 vs 851
+#: tokens/s; attn_decode_probe_s9_h100.json, decode_b1_early_s9_h100.json).
 FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, stages_long=3, merge_bs=64, merge_warps=1, fill=2,
                   early=int(os.environ.get("HYBRIDIZE_ATTN_EARLY", "1")))
 
@@ -264,8 +265,6 @@ def _build_kernels():
             acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
         return m_new, l_i, acc
 
-    from hybridize.ops._prefetch import prefetch_l2 as _prefetch_l2
-    globals()["_prefetch_l2"] = _prefetch_l2
     globals()["_cached_tile"] = _cached_tile
     globals()["_attend_tile"] = _attend_tile
 
@@ -278,12 +277,12 @@ def _build_kernels():
                             INTERLEAVED: tl.constexpr, PRECISE: tl.constexpr, SINGLE: tl.constexpr,
                             ONE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = 0,
-                            EARLY: tl.constexpr = 0, LINE: tl.constexpr = 64):
-        # EARLY (with PDL): lengths and the RoPE tables are read / computed before `gdc_wait`, and the split's
-        # cached k / v with them (1: its first tile into registers; 2: all its slots L2-prefetched) — while
-        # the q/k/v projection (the kernel just before, which writes none of them: lengths and the cache are
-        # written by this layer's attention kernels only) drains — so the wait is followed by q's load alone
-        # instead of the chain lengths → cos / sin → q → k / v tiles
+                            EARLY: tl.constexpr = 0):
+        # EARLY (with PDL): lengths are read and the RoPE tables computed before `gdc_wait`, while the q/k/v
+        # projection (the kernel just before; it does not write lengths: only this layer's attention
+        # kernels do) drains, so the wait is followed by q's load instead of the chain lengths → cos / sin →
+        # q. Reading the split's first k / v tile there too (into registers, or L2-prefetching the split)
+        # was slower: 19.8 / 18.5 vs 14.0 µs a layer at 8k (benchmarks/results/attn_decode_probe_s9_h100.json)
         pid = tl.program_id(0).to(tl.int64)       # ((b · Hkv) + j) · RB + rb; int64 offsets throughout
         sid = tl.program_id(1).to(tl.int64)
         rb = pid % RB
@@ -320,17 +319,6 @@ def _build_kernels():
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
-        first = lo
-        if EARLY == 1:      # the first tile into registers; attended after the loop, whose loads go first
-            k0, v0, keep0, ts0 = _cached_tile(kb, vb, lo + tl.arange(0, BLOCK_N), hi, last, n0, C, p, pmask,
-                                              skc, skp, svc, svp, window, HAS_WINDOW)
-            first = lo + BLOCK_N
-        if EARLY == 2:      # the split's slots into L2 (LINE elements a prefetch)
-            pl = tl.minimum(tl.arange(0, BLOCK_P // LINE) * LINE, P - 1)
-            for start in range(lo, hi, BLOCK_N):
-                sp = tl.minimum(start + tl.arange(0, BLOCK_N), hi - 1)
-                _prefetch_l2(kb + sp[:, None] * skc + pl[None, :] * skp)
-                _prefetch_l2(vb + sp[:, None] * svc + pl[None, :] * svp)
         if PDL and EARLY:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -339,14 +327,11 @@ def _build_kernels():
         if IEEE:
             q = q.to(tl.float32)
         # cached tokens: the split's slots holding a token older than the new ones
-        for start in range(first, hi, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             k, v, keep, ts = _cached_tile(kb, vb, start + tl.arange(0, BLOCK_N), hi, last, n0, C, p, pmask,
                                           skc, skp, svc, svp, window, HAS_WINDOW)
             m_i, l_i, acc = _attend_tile(q, k, v, keep, ts, qpos, m_i, l_i, acc, qk_scale, window, HAS_WINDOW,
                                          IEEE)
-        if EARLY == 1:
-            m_i, l_i, acc = _attend_tile(q, k0, v0, keep0, ts0, qpos, m_i, l_i, acc, qk_scale, window,
-                                         HAS_WINDOW, IEEE)
         # the T new tokens, from registers, by the split owning the newest token's slot
         if sid == (last % C) // slots_per_split:
             tn = tl.arange(0, BLOCK_T)            # BLOCK_T = 1 when T = 1
@@ -569,10 +554,6 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         Ao = torch.empty(programs * S * BLOCK_R * BLOCK_P, **f32)
         counters = lengths                                    # unused
     pdl = pdl_launch(q.device)
-    early = int(FUSED_TUNE.get("early", 0))
-    line = 128 // k_cache.element_size()
-    if early == 2 and (not pdl["PDL"] or BLOCK_P < line):
-        early = 0                               # L2 prefetch: only where it can run before a PDL wait
     fused_split[(programs, S)](
         q, k, v, inv_freq, k_cache, v_cache, lengths, counters, Mo, Lo, Ao, out,
         *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
@@ -581,7 +562,7 @@ def _decode_attention_fused_impl(q: Tensor, k: Tensor, v: Tensor, inv_freq: Tens
         HAS_WINDOW=window > 0, IEEE=_ieee(q.dtype), ROPE=half > 0, INTERLEAVED=bool(interleaved),
         PRECISE=os.environ.get("TRITON_INTERPRET") != "1" and FUSED_TUNE.get("precise", True), SINGLE=single,
         ONE=T == 1, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
-        BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)), EARLY=early, LINE=line,
+        BLOCK_T=1 if T == 1 else max(16, _next_pow2(T)), EARLY=int(FUSED_TUNE.get("early", 0)),
         num_warps=int(FUSED_TUNE["single_warps" if single else "warps"]),
         num_stages=int(FUSED_TUNE["stages_long" if blocks_per_split >= 4 and not single else "stages"]), **pdl)
     if not single:
