@@ -487,6 +487,40 @@ def test_selective_scan_step_unknown_variant(ss_tune):
 # * bf16 outputs / states: one rounding at the store, <= 2^-9 relative per element (RMS ~1e-3); the
 #   relative Frobenius error must stay <= 1e-2.
 from _tolerances import assert_real as _assert_real  # noqa: E402
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    dict(B=2, H=4, G=1, P=8, N=16, group=0, D="h"),                  # one group a head
+    dict(B=3, H=6, G=3, P=12, N=7, group=4, D="hp", bias=True),       # P not a power of two, 3 groups a head
+    dict(B=1, H=2, G=2, P=6, N=33, group=3, log_decay=True),          # 2 groups, discrete decay
+    dict(B=2, H=2, G=1, P=64, N=128, group=64, D="h"),                # MIL shape: whole head over tile bytes
+])
+def test_ssd_step_gated_norm_epilogue(case, state_dtype, monkeypatch):
+    """norm_weight: the gated RMSNorm inside the step = `GatedRMSNorm` (norm_before_gate=False, groups within a
+    head) on the un-normalised step output; the kernel against the reference, the reference against the
+    module. The last case's fp32 state would take two P blocks a head without the norm."""
+    from hybridize.layers.norm import GatedRMSNorm
+    case = dict(case)
+    group = case.pop("group")
+    t, kw = _ssd_inputs(**case, z=True, state_dtype=state_dtype)
+    H, P = t["x"].shape[1:]
+    norm = GatedRMSNorm(H * P, eps=1e-5, group_size=group or P).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(H * P, generator=torch.Generator().manual_seed(9)))
+    nkw = dict(norm_weight=norm.weight.detach(), norm_eps=1e-5, norm_group=group)
+    y_ker, s_ker, y_ref, s_ref = _run_ssd(t, kw, **nkw)
+    _close(s_ker, s_ref, state_dtype)
+    _close(y_ker, y_ref, state_dtype, scale=10)
+    # the definition: the module on the plain step's pre-gate output
+    plain_kw = dict(kw, z=None)
+    y_plain = ssd_ref.ssd_step(t["x"], t["dt"], t["A"], t["Bm"], t["Cm"], t["state"].clone(), **plain_kw)
+    B = t["x"].shape[0]
+    want = norm(y_plain.reshape(B, H * P), kw["z"].reshape(B, H * P)).reshape(B, H, P)
+    torch.testing.assert_close(y_ref, want.detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="divide"):
+        ssd_ref.ssd_step(t["x"], t["dt"], t["A"], t["Bm"], t["Cm"], t["state"].clone(), **kw,
+                         norm_weight=norm.weight.detach(), norm_group=P + 1)
+
+
 from _tolerances import rel_errors as _rel  # noqa: E402
 
 

@@ -89,6 +89,28 @@ def test_forward_pieces_and_steps_agree(name):
     torch.testing.assert_close(torch.cat([yp, torch.stack(ys, 1)], 1), y.detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,fused", [("mil", True), ("standard", False), ("norm_group_2", True)])
+def test_many_row_steps_with_the_norm_in_the_step(name, fused, monkeypatch):
+    """Above ops.gemv.FUSED_MAX_ROWS rows `step` hands the gated norm to the SSD step (when its groups lie
+    within a head: MIL's one group a head, an explicit group of 2 channels; not the standard config's
+    groups of 16 channels over 8-channel heads): token-by-token steps still equal the forward pass, at
+    the threshold and above it."""
+    from hybridize.layers import mamba2 as mamba2_mod
+    m = _mil_mixer(norm_group_size=2) if name == "norm_group_2" else CONFIGS[name]()
+    rows = mamba2_mod.FUSED_MAX_ROWS + 1
+    assert m._norm_in_step(rows) == fused and not m._norm_in_step(rows - 1)
+    seen = []
+    real = mamba2_mod.ssd_ops.ssd_step
+    monkeypatch.setattr(mamba2_mod.ssd_ops, "ssd_step", lambda *a, **k: seen.append("norm_weight" in k) or real(*a, **k))
+    x = torch.randn(rows, 9, HID)
+    y, _ = m(x)
+    s = m.init_state(rows)
+    with torch.no_grad():
+        ys = [m.step(x[:, t], s) for t in range(x.shape[1])]
+    assert seen == [fused] * x.shape[1]
+    torch.testing.assert_close(torch.stack(ys, 1), y.detach(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["standard", "mil"])
 def test_packed_batch_equals_separate_documents(name):
     m = CONFIGS[name]()

@@ -51,7 +51,7 @@ from hybridize.layers.base import Mixer, MixerState
 from hybridize.layers.norm import GatedRMSNorm
 from hybridize.ops import conv1d as conv_ops
 from hybridize.ops import ssd as ssd_ops
-from hybridize.ops.gemv import ConvUpdate, fused_linear
+from hybridize.ops.gemv import FUSED_MAX_ROWS, ConvUpdate, fused_linear
 
 
 @dataclass
@@ -247,10 +247,24 @@ class Mamba2Mixer(Mixer):
         xh, Bm, Cm = torch.split(xbc, self.xbc_sizes, dim=-1)
         xh, Bm, Cm = (xh.unflatten(-1, (-1, self.headdim)), Bm.unflatten(-1, (-1, self.d_state)),
                       Cm.unflatten(-1, (-1, self.d_state)))
+        res = x if residual else None
+        if self._norm_in_step(Bsz):
+            # many rows: the gated norm runs in the step kernel's epilogue (each program holds whole groups)
+            # rather than as its own kernels; fewer rows fuse it into the out-projection's prologue instead
+            nrm, zh = self.norm, z.unflatten(-1, (-1, self.headdim))
+            y = ssd_ops.ssd_step(xh, dt, None, Bm, Cm, state.ssm, D=self._D(), z=zh, dt_bias=self.dt_bias,
+                                 dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log,
+                                 norm_weight=nrm.weight, norm_eps=nrm.eps, norm_group=nrm.group_size)
+            return fused_linear(y.reshape(Bsz, self.d_inner), self.out_proj.weight, self.out_proj.bias, residual=res)
         y = ssd_ops.ssd_step(xh, dt, None, Bm, Cm, state.ssm, D=self._D(), dt_bias=self.dt_bias,
                              dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log)
         return fused_linear(y.reshape(Bsz, self.d_inner), self.out_proj.weight, self.out_proj.bias,
-                            norm=self.norm, gate=z, residual=x if residual else None)
+                            norm=self.norm, gate=z, residual=res)
+
+    def _norm_in_step(self, rows: int) -> bool:
+        """Whether `step` hands the gated norm to the SSD step kernel: above `ops.gemv.FUSED_MAX_ROWS` rows
+        (where the out-projection does not fuse it) when its groups lie within a head."""
+        return rows > FUSED_MAX_ROWS and not self.norm.norm_before_gate and self.headdim % self.norm.group_size == 0
 
     def mixing_matrix(self, x: Tensor, *, seq_idx: Optional[Tensor] = None) -> Tensor:
         """M (B, H, L, L) fp32 with y_pre[:, t, h] = sum_s M[:, h, t, s] v[:, s, h], where v is the

@@ -59,15 +59,17 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tens
 def ssd_step(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor, state: Tensor, *,
              D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
              dt_softplus: bool = False, dt_limit=(0.0, float("inf")), log_decay: Optional[Tensor] = None,
-             A_log: Optional[Tensor] = None):
+             A_log: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-5,
+             norm_group: int = 0):
     """One token, state (B,H,P,N) updated in place; x (B,Hx,P), Bm (B,Gb,N), Cm (B,Gc,N) with Hx, Gb,
     Gc dividing H (shared rows, read in place by the kernel); A (H,) or A_log (H,) (A = -exp(A_log))
-    or log_decay (B,H). See reference.ssd_step; the fused Triton kernel (one read and one write of the
-    state) on CUDA."""
+    or log_decay (B,H); norm_weight (H·P,): Mamba-2's gated RMSNorm on the output, over groups of
+    norm_group channels of a head. See reference.ssd_step; the fused Triton kernel (one read and one
+    write of the state) on CUDA."""
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, log_decay=log_decay,
-              A_log=A_log)
+              A_log=A_log, norm_weight=norm_weight, norm_eps=norm_eps, norm_group=norm_group)
     if (x.dtype in _KERNEL_DTYPES and state.dtype in _KERNEL_DTYPES and Bm.shape[-1] <= _KERNEL_MAX_PN
-            and use_kernels(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, A_log)):
+            and use_kernels(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, A_log, norm_weight)):
         from hybridize.ops.ssd.triton_step import ssd_step_triton
         return ssd_step_triton(x, dt, A, Bm, Cm, state, **kw)
     return ssd_step_reference(x, dt, A, Bm, Cm, state, **kw)

@@ -176,12 +176,16 @@ def step_head_reps(x: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor,
 def ssd_step(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor, state: Tensor, *,
              D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
              dt_softplus: bool = False, dt_limit=_NO_LIMIT, log_decay: Optional[Tensor] = None,
-             A_log: Optional[Tensor] = None) -> Tensor:
+             A_log: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-5,
+             norm_group: int = 0) -> Tensor:
     """One token. state (B,H,P,N) — updated IN PLACE (copy_, keeping its dtype); x (B,Hx,P),
     Bm (B,Gb,N), Cm (B,Gc,N) with Hx, Gb, Gc dividing H: head h reads x[:, h // (H // Hx)] (also for
     D·x; x rows shared like GQA's repeat_kv), Bm[:, h // (H // Gb)], Cm[:, h // (H // Gc)];
     dt (B,H); A (H,), or A_log (H,) with A = -exp(A_log.float()) (pass A=None), or log_decay (B,H)
-    (which replaces dt·A); D (H,)|(H,P), z (B,H,P). Returns y (B,H,P) in x.dtype."""
+    (which replaces dt·A); D (H,)|(H,P), z (B,H,P). Returns y (B,H,P) in x.dtype.
+
+    norm_weight (H·P,): Mamba-2's gated RMSNorm on the gated output (`layers.norm.GatedRMSNorm` with
+    norm_before_gate=False), over groups of `norm_group` channels of a head (a divisor of P; 0: P)."""
     x_rep, _, _ = step_head_reps(x, dt, Bm, Cm, state, A, A_log, log_decay)
     H = state.shape[1]
     if A_log is not None:
@@ -192,7 +196,21 @@ def ssd_step(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor,
     h = _update(state.float(), x.float(), dtp, a, _heads(Bm, H))
     state.copy_(h.to(state.dtype))
     y = torch.einsum("bhpn,bhn->bhp", h, _heads(Cm, H))
-    return _skip_and_gate(y, x, D, z)
+    if norm_weight is None:
+        return _skip_and_gate(y, x, D, z)
+    y = _skip_and_gate(y, x.float(), D, z)                           # fp32: normalised before the cast
+    return group_rms_norm(y, norm_weight, norm_eps, norm_group).to(x.dtype)
+
+
+def group_rms_norm(y: Tensor, weight: Tensor, eps: float, group: int) -> Tensor:
+    """y (B,H,P) fp32 normalised over groups of `group` channels of each head (0: P) · weight (H·P,)."""
+    Bsz, H, P = y.shape
+    group = group or P
+    if P % group:
+        raise ValueError(f"ssd_step: norm_group {group} must divide the head dim {P}")
+    g = y.reshape(Bsz, H, P // group, group)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return g.reshape(Bsz, H, P) * weight.float().reshape(H, P)
 
 
 # ----------------------------------------------------------------------------- quadratic (dual) form

@@ -126,9 +126,12 @@ def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, s_ptr, D_ptr, z_ptr, bi
                      HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LOG_DECAY: tl.constexpr,
                      A_LOG: tl.constexpr, EVICT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                     PDL: tl.constexpr = 0):
+                     PDL: tl.constexpr = 0, NORM: tl.constexpr = 0, GS: tl.constexpr = 1, NGP: tl.constexpr = 1,
+                     nw_ptr=None, eps=0.0):
     """One token for the (BP, N) state block (b, h, P-block); state updated in place. Head h reads
-    x row h // x_rep, B group h // b_rep, C group h // c_rep (shared rows, read in place)."""
+    x row h // x_rep, B group h // b_rep, C group h // c_rep (shared rows, read in place). NORM (the
+    whole head in one block): the gated output normalised over groups of GS channels (NGP: the padded
+    group count) · nw (H·P,) — Mamba-2's gated RMSNorm, which then needs no kernels of its own."""
     if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -163,6 +166,11 @@ def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, s_ptr, D_ptr, z_ptr, bi
 
     y = tl.sum(s * Cv[None, :], axis=1)          # from the fp32 state, as the reference
     y = _skip_gate(y, xv, D_ptr, z_ptr + b * szb + h * szh, h, p, pm, sDh, HAS_D, D_PER_P, HAS_Z)
+    if NORM:    # group sums through a (BP, groups) one-hot: P need not be a power of two
+        member = ((p // GS)[:, None] == tl.arange(0, NGP)[None, :]) & pm[:, None]
+        rg = 1.0 / tl.sqrt(tl.sum(tl.where(member, (y * y)[:, None], 0.0), axis=0) / GS + eps)
+        y = y * tl.sum(tl.where(member, rg[None, :], 0.0), axis=1)
+        y = y * tl.load(nw_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * syb + h * syh + p, y.to(y_ptr.dtype.element_ty), mask=pm)
 
 
@@ -318,7 +326,8 @@ def _check_state(state: Tensor, Bsz: int, H: int, P: int, N: int):
         raise ValueError(f"ssd step/verify kernels need N <= {MAX_N}, got {N}")
 
 
-def _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max, A_log=None):
+def _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max, A_log=None,
+               norm_weight=None, norm_eps=1e-5, norm_group=0):
     """x (B,Hx,P), Bm (B,Gb,N), Cm (B,Gc,N), state (B,H,P,N): see ssd_step_triton."""
     x_rep, b_rep, c_rep = step_head_reps(x, dt, Bm, Cm, state, A, A_log, log_decay)
     Bsz, H, P, N = state.shape
@@ -332,6 +341,15 @@ def _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, d
     if y.numel() == 0:
         return y
     BP, BN = _blocks(P, N, TUNE["step_tile_bytes"], state)
+    norm = {}
+    if norm_weight is not None:             # the norm needs the whole head in one program
+        gs = int(norm_group) or P
+        if P % gs or norm_weight.numel() != H * P:
+            raise ValueError(f"ssd_step: norm_weight must have H·P = {H * P} elements and norm_group ({gs}) "
+                             f"divide P = {P}; got {norm_weight.numel()} elements")
+        BP = triton.next_power_of_2(P)
+        norm = dict(NORM=1, GS=gs, NGP=triton.next_power_of_2(P // gs), nw_ptr=norm_weight.contiguous(),
+                    eps=float(norm_eps))
     n_pblk = triton.cdiv(P, BP)
     _ssd_step_kernel[(Bsz * H * n_pblk,)](
         x, dt, A if A is not None else dt, Bm, Cm, state, D if D is not None else x,
@@ -343,7 +361,7 @@ def _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, d
         HAS_D=D is not None, D_PER_P=d_per_p, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), LOG_DECAY=log_decay is not None, A_LOG=a_log,
         EVICT=bool(TUNE["evict_first"]), BP=BP, BN=BN, num_warps=_warps(BP, BN, TUNE["step_warps"]),
-        **pdl_launch(x.device))
+        **pdl_launch(x.device), **norm)
     return y
 
 
@@ -394,12 +412,15 @@ def _verify_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay,
 def _ssd_step_op(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor, state: Tensor,
                  D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                  log_decay: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
-                 A_log: Optional[Tensor] = None) -> Tensor:
-    return _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max, A_log)
+                 A_log: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-5,
+                 norm_group: int = 0) -> Tensor:
+    return _step_impl(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max, A_log,
+                      norm_weight, norm_eps, norm_group)
 
 
 @_ssd_step_op.register_fake
-def _(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max, A_log=None):
+def _(x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, dt_softplus, dt_min, dt_max, A_log=None,
+      norm_weight=None, norm_eps=1e-5, norm_group=0):
     step_head_reps(x, dt, Bm, Cm, state, A, A_log, log_decay)    # the same errors while tracing
     return x.new_empty(state.shape[:3])                            # y (B, H, P), x may have Hx < H rows
 
@@ -459,15 +480,17 @@ def _in_graph() -> bool:
 def ssd_step_triton(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor, state: Tensor, *,
                     D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
                     dt_softplus: bool = False, dt_limit=(0.0, float("inf")),
-                    log_decay: Optional[Tensor] = None, A_log: Optional[Tensor] = None) -> Tensor:
+                    log_decay: Optional[Tensor] = None, A_log: Optional[Tensor] = None,
+                    norm_weight: Optional[Tensor] = None, norm_eps: float = 1e-5, norm_group: int = 0) -> Tensor:
     """One token, fused. state (B,H,P,N) fp32/bf16/fp16 (any strides) — updated IN PLACE;
     x (B,Hx,P), Bm (B,Gb,N), Cm (B,Gc,N) with Hx, Gb, Gc dividing H (head h reads rows
     h // (H // Hx), h // (H // Gb), h // (H // Gc); strided views are read in place); dt (B,H);
     A (H,), or A_log (H,) with A = -exp(A_log) computed in the kernel (A=None), or log_decay (B,H);
-    D (H,)|(H,P), z (B,H,P), dt_bias (H,). Returns y (B,H,P) in x's dtype. Same semantics as
+    D (H,)|(H,P), z (B,H,P), dt_bias (H,); norm_weight (H·P,) / norm_eps / norm_group: the gated
+    RMSNorm on the output. Returns y (B,H,P) in x's dtype. Same semantics as
     :func:`hybridize.ops.ssd.reference.ssd_step`; no host synchronisation (CUDA-graph capturable)."""
     args = (x, dt, A, Bm, Cm, state, D, z, dt_bias, log_decay, bool(dt_softplus),
-            float(dt_limit[0]), float(dt_limit[1]), A_log)
+            float(dt_limit[0]), float(dt_limit[1]), A_log, norm_weight, float(norm_eps), int(norm_group))
     if _in_graph():
         return torch.ops.hybridize.ssd_step(*args)
     return _step_impl(*args)
