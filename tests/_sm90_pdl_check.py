@@ -22,6 +22,9 @@ _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", tor
        torch.int64: "i64"}
 
 
+_PRED = r"^\s*(@!?%p\d+\s+)?"      # an instruction, predicated or not
+
+
 def _first(ptx, pattern):
     m = re.search(pattern, ptx, flags=re.M)
     return m.start() if m else None
@@ -50,7 +53,9 @@ def _compile_instead(self, *args, grid, warmup, **kwargs):
                           prefetch=_first(ptx, r"^\s*prefetch\.global"),
                           wait=_first(ptx, r"griddepcontrol\.wait"),
                           launch=_first(ptx, r"griddepcontrol\.launch_dependents"),
-                          load=_first(ptx, r"^\s*ld\.global"), store=_first(ptx, r"^\s*(st|atom|red)\.global"))),
+                          load=_first(ptx, _PRED + r"ld\.global"), store=_first(ptx, _PRED + r"(st|atom|red)\.global"),
+                          loads_before_wait=len(re.findall(_PRED + r"ld\.global", ptx.split("griddepcontrol.wait")[0],
+                                                           flags=re.M)))),
           flush=True)
 
 

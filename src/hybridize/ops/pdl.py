@@ -17,7 +17,8 @@ anything an earlier kernel of the step may write::
 
 Launching dependents only after the wait keeps at most two kernels in flight: while kernel n runs, kernel
 n + 1 may prefetch, but kernel n - 1 has completed — so whatever a pre-wait read touches must not be
-written by the kernel just before (weights, and state written one decode step earlier, qualify).
+written by the kernel just before (weights, and state written one decode step earlier, qualify: the GEMV
+prefetches its weights, the fused decode attention reads its cache's lengths and RoPE frequencies).
 
 and are launched with ``**pdl_launch(device)``. HYBRIDIZE_PDL=0 turns it off (A/B benchmarks). Off on the
 CPU interpreter, before sm_90, and with a triton that lacks the instructions.

@@ -12,7 +12,6 @@ cuBLAS (`hybridize.ops.gemv.tune_shape` with rows > 1) and used only where they 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,7 +20,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridize.ops._prefetch import prefetch_l2
 from hybridize.ops.pdl import pdl_launch
 
 
@@ -67,7 +65,7 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stri
                    HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
                    NORM_GROUP: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64):
+                   PDL: tl.constexpr = 0):
     # program (n-block, k-split): acc (BLOCK_N, BLOCK_M) = W[rn, k-range] · u[:, k-range]ᵀ, where u is the
     # prologue's input rows: h = round(x + add) (written by the n-block-0 programs: the residual stream),
     # h·silu(gate), RMSNorm weight (·(offset + w)); one rstd per row is applied to the dot products at the
@@ -87,12 +85,9 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stri
     w2_rows = W + (rn_safe + N)[:, None] * stride_wn
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    if PDL:     # hybridize.ops.pdl: x / add / gate / residual may be written by the previous kernel
-        if PREFETCH > 0:    # W is not: L2-prefetch the first PREFETCH elements of the split's rows meanwhile
-            pk = tl.minimum(k_lo + tl.arange(0, PREFETCH // LINE) * LINE, k_hi - 1)
-            prefetch_l2(w_rows + pk[None, :])
-            if GLU != 0:
-                prefetch_l2(w2_rows + pk[None, :])
+    if PDL:     # hybridize.ops.pdl: x / add / gate / residual may be written by the previous kernel (an L2
+        # prefetch of W's first 256 / 1024 elements a row before the wait, as the GEMV does, did not help at
+        # 64 rows: 19 292 / 18 985 vs 19 309 tokens/s, benchmarks/results/decode_b64_gemm_prefetch_s9_h100.json)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -201,9 +196,6 @@ CANDIDATES = (
     GemmConfig(64, 128, 8, 4, 3),
 )
 
-#: weight elements a row each program L2-prefetches before its PDL wait (`_prefetch_args`)
-PREFETCH_DEFAULT = 0
-
 #: largest M the kernel takes (its accumulator holds all rows)
 MAX_M = 128
 
@@ -222,16 +214,6 @@ def clip(cfg: GemmConfig, N: int, K: int) -> GemmConfig:
 
 #: GLU activations of the fused gate/up epilogue (kernel constexpr codes; as `hybridize.ops.gemv`)
 GLU_CODES = {"silu": 1, "gelu_tanh": 2, "gelu": 3}
-
-
-def _prefetch_args(pdl: dict, k_per_split: int, elem_bytes: int) -> dict:
-    """With PDL: L2 prefetch of each program's first HYBRIDIZE_GEMM_PREFETCH weight elements a row (its
-    split's), issued before the wait, i.e. while the previous kernel drains (0: none)."""
-    want = min(int(os.environ.get("HYBRIDIZE_GEMM_PREFETCH", PREFETCH_DEFAULT)), k_per_split)
-    line = max(1, 128 // elem_bytes)
-    if not pdl.get("PDL") or want < line:
-        return {}
-    return dict(PREFETCH=1 << (want.bit_length() - 1), LINE=line)
 
 
 def _rows(t: Optional[Tensor], M: int, n: int, what: str) -> Optional[Tensor]:
@@ -304,7 +286,6 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     ssq = torch.empty(split, M, **f32) if split > 1 and norm_scalar else y
     pdl = pdl_launch(x.device)
     b = bias.contiguous() if bias is not None else x
-    kernel_pdl = dict(pdl, **_prefetch_args(pdl, k_per_split, weight.element_size()))
     BM = block_m(M)
     kernel[(max(1, math.ceil(N / cfg.block_n)), split)](
         x, weight, b, y, part, ssq, M, N, K, x.stride(0), weight.stride(0), y.stride(0), k_per_split,
@@ -317,7 +298,7 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         HAS_ADD=add is not None, HAS_GATE=gate is not None, NORM=norm_weight is not None, NORM_GROUP=norm_group,
         GLU=GLU_CODES[glu] if glu else 0, HAS_RES=residual is not None,
         BLOCK_M=BM, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **kernel_pdl)
+        num_stages=cfg.num_stages, **pdl)
     if split > 1:
         bn = max(16, min(128, 4096 // BM))
         reduce_kernel[(math.ceil(N / bn),)](
