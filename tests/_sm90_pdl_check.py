@@ -1,6 +1,7 @@
 """Run every decode-step launcher on CPU tensors, but instead of launching, compile its kernel for sm_90
 (no GPU needed: triton's own ptxas) with PDL on, and print one JSON line per kernel with the PTX positions
-of griddepcontrol.wait / launch_dependents and of the first global load / store / atomic. Run by
+of griddepcontrol.wait / launch_dependents and of the first global load / store / atomic, and which
+tensors the loads before the wait read. Run by
 tests/test_pdl.py in a subprocess (the tests' TRITON_INTERPRET=1 makes kernels interpreted functions)."""
 import json
 import os
@@ -30,6 +31,36 @@ def _first(ptx, pattern):
     return m.start() if m else None
 
 
+_REG = re.compile(r"%[a-z]+\d+")
+
+
+def _pre_wait_load_params(ptx: str, names: list) -> list:
+    """Names of the kernel parameters (pointers and the scalars of their offsets) whose values the
+    addresses of the global loads before
+    griddepcontrol.wait derive from (a forward taint of registers from `ld.param` through every
+    instruction: destinations are the registers before an instruction's first comma)."""
+    taint: dict = {}
+    found: set = set()
+    for line in ptx.split("griddepcontrol.wait")[0].splitlines():
+        line = line.strip()
+        m = re.match(r"(@!?%p\d+\s+)?ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_(\d+)\]", line)
+        if m:
+            i = int(m.group(3))
+            taint[m.group(2)] = {names[i] if i < len(names) else f"param_{i}"}
+            continue
+        body = re.sub(r"^@!?%p\d+\s+", "", line)
+        if "," not in body or body.startswith("//"):
+            continue
+        head, tail = body.split(",", 1)
+        srcs = set().union(*(taint.get(r, set()) for r in _REG.findall(tail)))
+        if re.match(r"ld\.global", body):
+            addr = re.findall(r"\[([^\]]*)\]", tail)
+            found |= set().union(*(taint.get(r, set()) for a in addr for r in _REG.findall(a)))
+        for r in _REG.findall(head):
+            taint[r] = srcs
+    return sorted(found)
+
+
 def _compile_instead(self, *args, grid, warmup, **kwargs):
     opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
     bound = dict(zip(self.arg_names, args))
@@ -55,7 +86,9 @@ def _compile_instead(self, *args, grid, warmup, **kwargs):
                           launch=_first(ptx, r"griddepcontrol\.launch_dependents"),
                           load=_first(ptx, _PRED + r"ld\.global"), store=_first(ptx, _PRED + r"(st|atom|red)\.global"),
                           loads_before_wait=len(re.findall(_PRED + r"ld\.global", ptx.split("griddepcontrol.wait")[0],
-                                                           flags=re.M)))),
+                                                           flags=re.M)),
+                          pre_wait_load_tensors=[n for n in _pre_wait_load_params(
+                              ptx, [p.name for p in self.params if not p.is_constexpr]) if sig[n].startswith("*")])),
           flush=True)
 
 
@@ -92,6 +125,14 @@ def main():
     u = torch.randn(2, 512, dtype=bf)
     ss._step_impl(u, u.clone(), -torch.rand(512, 16), torch.randn(2, 1, 16, dtype=bf),
                   torch.randn(2, 1, 16, dtype=bf), torch.zeros(2, 512, 16), torch.ones(512), None, None, True)
+    from hybridize.ops.gemm.triton import GemmConfig, skinny_gemm_triton
+    xm = torch.randn(8, 256, dtype=bf)
+    skinny_gemm_triton(xm, w, None, GemmConfig(64, 64, 1, 4, 3), glu="silu", residual=torch.randn(8, 256, dtype=bf))
+    skinny_gemm_triton(xm, w, None, GemmConfig(64, 64, 2, 4, 3), norm_weight=nw, eps=1e-5)    # split-K + reduce
+    ssd._step_impl(torch.randn(2, 8, 64, dtype=bf), torch.rand(2, 8, dtype=bf), None, torch.randn(2, 1, 128, dtype=bf),
+                   torch.randn(2, 1, 128, dtype=bf), torch.zeros(2, 8, 64, 128, dtype=bf), None,
+                   torch.randn(2, 8, 64, dtype=bf), None, None, True, 0.0, float("inf"), torch.randn(8),
+                   torch.ones(512, dtype=bf), 1e-5, 64)                # the gated-norm epilogue
     xh = torch.randn(2, 2, 64, dtype=bf)     # the Mamba-in-the-Llama decode call: shared x / B rows, A_log
     ssd._step_impl(xh, torch.rand(2, 8, dtype=bf), None, torch.randn(2, 2, 128, dtype=bf),
                    torch.randn(2, 8, 128, dtype=bf), torch.zeros(2, 8, 64, 128), None, None, None, None, True, 0.0,

@@ -319,6 +319,10 @@ def _hf_pair(monkeypatch, n_groups=3, limit=(0.0, math.inf), chunk=16):
                                          dt_limit=limit, norm_eps=1e-5))
     _randomize(ours, seed=3)
     hf.load_state_dict(ours.state_dict(), strict=True)   # 1:1 names and shapes
+    if n_groups > 1 and getattr(hf.norm, "group_size", None) != ours.norm.group_size:
+        import transformers
+        pytest.skip(f"transformers {transformers.__version__}'s Mamba2 normalises the gated output over all "
+                    "channels, not per group as mamba_ssm (and hybridize) do: parity needs a newer transformers")
     return hf, ours, c
 
 

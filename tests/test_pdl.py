@@ -29,6 +29,31 @@ def test_pdl_only_on_capable_cuda_devices(monkeypatch):
     assert pdl.pdl_launch(torch.device("cuda", 0)) == {"PDL": 0}
 
 
+def test_compiled_step_asks_inductor_for_pdl(monkeypatch):
+    """The decode step's torch.compile passes inductor `triton.enable_pdl` = HYBRIDIZE_PDL (where the torch
+    has the option; not with HYBRIDIZE_COMPILE_MODE, which takes a mode instead), memoised per setting."""
+    import torch._inductor.config as icfg
+
+    from hybridize.generate import engine
+    if not hasattr(icfg.triton, "enable_pdl"):
+        assert engine._inductor_options() is None
+        pytest.skip("this torch has no inductor PDL option")
+    seen = []
+    monkeypatch.setattr(engine.torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    monkeypatch.setattr(engine, "_COMPILED", {})
+
+    def f(x):
+        return x
+    for flag in ("1", "0", "1"):
+        monkeypatch.setenv("HYBRIDIZE_PDL", flag)
+        assert engine.compiled(f) is f
+    assert [kw["options"] for kw in seen] == [{"triton.enable_pdl": True}, {"triton.enable_pdl": False}]
+    monkeypatch.setenv("HYBRIDIZE_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    assert engine._inductor_options() is None
+    engine.compiled(f)
+    assert seen[-1] == dict(fullgraph=True, dynamic=None, mode="max-autotune-no-cudagraphs")
+
+
 def _compiled_kernels():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -44,7 +69,8 @@ def test_decode_kernels_wait_before_touching_dependent_memory():
     rows = _compiled_kernels()
     names = {r["kernel"] for r in rows}
     assert {"_gemv_kernel", "_fused_split_kernel", "_merge_kernel", "_split_kernel", "_conv_update_kernel",
-            "_rglru_step_kernel", "_ssd_step_kernel", "_chunk_kernel", "_rows_kernel"} <= names, names
+            "_rglru_step_kernel", "_ssd_step_kernel", "_chunk_kernel", "_rows_kernel", "_skinny_kernel",
+            "_split_reduce_kernel"} <= names, names
     assert names & {"_ss_step_kernel", "_ss_tile_kernel"}, names
     for r in rows:
         assert r["launch_pdl"] and r["wait"] is not None and r["launch"] is not None, r
@@ -53,9 +79,10 @@ def test_decode_kernels_wait_before_touching_dependent_memory():
         if r["kernel"] == "_fused_split_kernel":
             # lengths and the RoPE inv_freq table are read before the wait (FUSED_TUNE["early"]): written
             # only by this layer's attention kernels, never by the kernel just before (the q/k/v projection)
-            assert 1 <= r["loads_before_wait"] <= 4, r
+            assert r["loads_before_wait"] >= 1 and set(r["pre_wait_load_tensors"]) == {"N0", "IF"}, r
         else:
             assert r["load"] is None or r["wait"] < r["load"], r
+            assert r["pre_wait_load_tensors"] == [], r
         if r["kernel"] == "_gemv_kernel":                      # the weight prefetch goes before the wait
             assert r["prefetch"] is not None and r["prefetch"] < r["wait"], r
         else:
