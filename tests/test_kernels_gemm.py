@@ -181,56 +181,6 @@ def test_fusions_match_reference(case, dtype, reduce_spy):
     assert max(_splits(c, N, K) for c in FUSED_CONFIGS) > 1
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("M,W,bias,act,norm,split", [
-    (3, 4, True, "silu", True, 1),      # Mamba's in_proj (+ its pre-norm) → conv step
-    (17, 4, False, None, False, 2),     # epilogue in the split-K reduce kernel
-    (1, 2, True, "silu", False, 1),
-    (5, 1, False, "silu", True, 2),     # a width-1 conv: no state
-])
-def test_conv_epilogue_matches_reference(M, W, bias, act, norm, split, state_dtype, reduce_spy):
-    """conv: output columns [start, start + C) go through the causal conv step (state (M, C, W-1) shifted in
-    place) — against `gemv_fused_reference` on the same rows; the other columns stay the projection."""
-    from hybridize.ops.gemv.triton import ConvUpdate
-    g = torch.Generator().manual_seed(M * 10 + W)
-    N, K, C, start = 72, 64, 40, 24
-    mk = lambda *s: torch.randn(*s, generator=g)   # noqa: E731
-    x, w = mk(M, K).to(DEVICE, torch.float16), (mk(N, K) / 8).to(DEVICE, torch.float16)
-    b = mk(N).to(DEVICE, torch.float16) if bias else None
-    nw = (1 + 0.3 * mk(K)).to(DEVICE, torch.float16) if norm else None
-    # a strided state (rows of a larger buffer), as the decode caches hold it
-    base = mk(M, C + 3, max(W - 1, 1)).to(DEVICE, state_dtype)
-    state = base[:, 2:2 + C, :W - 1]
-    base_before = base.clone()
-    cw, cb = mk(C, W).to(DEVICE, torch.float16), mk(C).to(DEVICE, torch.float16)
-    ref_state = state.clone()
-    got = kern.skinny_gemm_triton(x, w, b, Cfg(32, 32, split, 4, 2), norm_weight=nw, eps=1e-5,
-                                  conv=ConvUpdate(state, cw, cb if bias else None, start, act))
-    want = gemv_fused_reference(x, w, b, norm_weight=nw, eps=1e-5,
-                                conv=ConvUpdate(ref_state, cw, cb if bias else None, start, act))
-    assert (len(reduce_spy.calls) == 1) == (split > 1)
-    if split > 1:
-        assert reduce_spy.calls[0]["CONV"] == (2 if act else 1)
-    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(state.float(), ref_state.float(), atol=1e-2, rtol=1e-2)
-    outside = torch.ones_like(base, dtype=torch.bool)
-    outside[:, 2:2 + C, :W - 1] = False
-    assert torch.equal(base[outside], base_before[outside])          # the rest of the buffer untouched
-
-
-def test_conv_epilogue_is_validated():
-    from hybridize.ops.gemv.triton import ConvUpdate
-    x, w = torch.randn(3, 32).to(DEVICE, torch.float16), torch.randn(48, 32).to(DEVICE, torch.float16)
-    cw = torch.randn(16, 4).to(DEVICE, torch.float16)
-    with pytest.raises(ValueError, match=r"must be \(3, C, W-1\)"):
-        kern.skinny_gemm_triton(x, w, conv=ConvUpdate(torch.zeros(16, 3, device=DEVICE), cw, None, 0))
-    with pytest.raises(ValueError, match="not inside"):
-        kern.skinny_gemm_triton(x, w, conv=ConvUpdate(torch.zeros(3, 16, 3, device=DEVICE), cw, None, 40))
-    with pytest.raises(ValueError, match="does not combine"):
-        kern.skinny_gemm_triton(x, w, conv=ConvUpdate(torch.zeros(3, 16, 3, device=DEVICE), cw, None, 0),
-                                residual=torch.zeros(3, 48, device=DEVICE, dtype=torch.float16))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("glu", [None, "gelu_tanh"])
 def test_norm_with_split_k_sums_the_partial_squares(dtype, glu, reduce_spy):

@@ -31,41 +31,9 @@ def _dot(w, xt, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _conv_step(acc, rn, rm, nmask, mmask, Y, CS, CW, CB, conv_lo, conv_dim, scs_b, scs_c, scs_w, scw_c, scw_w,
-               CONV: tl.constexpr, CONV_BIAS: tl.constexpr, CONV_W: tl.constexpr):
-    """Mamba's causal depthwise conv step on output features [conv_lo, conv_lo + conv_dim) of acc (BLOCK_N
-    features, BLOCK_M rows): their values (rounded to y's dtype: what the unfused ops see) enter the window
-    [state taps, value] of their row's state CS (M, C, W-1), which shifts by one; the features become the
-    conv output (CONV = 2: silu). Each program owns its features for all rows: no race on the state."""
-    cc = rn - conv_lo
-    cmask = (cc >= 0) & (cc < conv_dim) & nmask
-    cc = tl.where(cmask, cc, 0).to(tl.int64)
-    m2 = cmask[:, None] & mmask[None, :]
-    pre = acc.to(Y.dtype.element_ty)
-    wrow = CW + cc * scw_c
-    out = pre.to(tl.float32) * tl.load(wrow + (CONV_W - 1) * scw_w, mask=cmask, other=0.0).to(tl.float32)[:, None]
-    if CONV_BIAS:
-        out += tl.load(CB + cc, mask=cmask, other=0.0).to(tl.float32)[:, None]
-    sp = CS + rm.to(tl.int64)[None, :] * scs_b + cc[:, None] * scs_c               # (BLOCK_N, BLOCK_M) tap 0
-    for w in tl.static_range(CONV_W - 1):
-        tap = tl.load(sp + w * scs_w, mask=m2, other=0.0)
-        out += tap.to(tl.float32) * tl.load(wrow + w * scw_w, mask=cmask, other=0.0).to(tl.float32)[:, None]
-        if w > 0:
-            tl.store(sp + (w - 1) * scs_w, tap, mask=m2)                           # state ← window[1:]
-    if CONV_W > 1:
-        tl.store(sp + (CONV_W - 2) * scs_w, pre.to(CS.dtype.element_ty), mask=m2)
-    if CONV == 2:
-        out = out * tl.sigmoid(out)
-    return tl.where(m2, out, acc)
-
-
-@triton.jit
 def _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
-              CS, CW, CB, conv_lo, conv_dim, scs_b, scs_c, scs_w, scw_c, scw_w,
-              HAS_BIAS: tl.constexpr, NORM_SCALAR: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-              CONV: tl.constexpr, CONV_BIAS: tl.constexpr, CONV_W: tl.constexpr):
-    """acc (BLOCK_N, BLOCK_M) fp32 dot products (acc2: the GLU's up rows) → y rows rm, columns rn
-    (+ bias, GLU, residual, or the conv step `_conv_step`)."""
+              HAS_BIAS: tl.constexpr, NORM_SCALAR: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) fp32 dot products (acc2: the GLU's up rows) → y rows rm, columns rn."""
     nmask = rn < N
     mmask = rm < M
     if NORM_SCALAR:
@@ -85,9 +53,6 @@ def _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
         else:             # gelu, erf
             acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
         acc = acc * acc2
-    if CONV != 0:
-        acc = _conv_step(acc, rn, rm, nmask, mmask, Y, CS, CW, CB, conv_lo, conv_dim, scs_b, scs_c, scs_w, scw_c,
-                         scw_w, CONV, CONV_BIAS, CONV_W)
     mask = nmask[:, None] & mmask[None, :]
     if HAS_RES:
         acc += tl.load(Res + rm[None, :] * stride_rm + rn[:, None], mask=mask, other=0.0).to(tl.float32)
@@ -96,13 +61,11 @@ def _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
 @triton.jit
 def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                    Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, Res, stride_rm, eps, norm_offset,
-                   CS, CW, CB, conv_lo, conv_dim, scs_b, scs_c, scs_w, scw_c, scw_w,
                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
                    NORM_GROUP: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr = 0, CONV: tl.constexpr = 0, CONV_BIAS: tl.constexpr = 0,
-                   CONV_W: tl.constexpr = 4):
+                   PDL: tl.constexpr = 0):
     # program (n-block, k-split): acc (BLOCK_N, BLOCK_M) = W[rn, k-range] · u[:, k-range]ᵀ, where u is the
     # prologue's input rows: h = round(x + add) (written by the n-block-0 programs: the residual stream),
     # h·silu(gate), RMSNorm weight (·(offset + w)); one rstd per row is applied to the dot products at the
@@ -172,8 +135,7 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stri
         if NORM and NORM_GROUP == 0:
             rstd = 1.0 / tl.sqrt(ss / K + eps)
         _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
-                  CS, CW, CB, conv_lo, conv_dim, scs_b, scs_c, scs_w, scw_c, scw_w,
-                  HAS_BIAS, NORM and NORM_GROUP == 0, GLU, HAS_RES, CONV, CONV_BIAS, CONV_W)
+                  HAS_BIAS, NORM and NORM_GROUP == 0, GLU, HAS_RES)
     else:       # fp32 partials of this split: Part (SPLIT, 1 + [GLU], M, N), SSq (SPLIT, M)
         omask = nmask[:, None] & mmask[None, :]
         base = Part + (pid_k * (1 + (GLU != 0)) * M + rm[None, :]) * N + rn[:, None]
@@ -185,11 +147,9 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stri
 
 @triton.jit
 def _split_reduce_kernel(Part, SSq, Bias, Res, stride_rm, Y, M, N, K, stride_ym, eps,
-                         CS, CW, CB, conv_lo, conv_dim, scs_b, scs_c, scs_w, scw_c, scw_w,
                          HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NORM_SCALAR: tl.constexpr,
                          GLU: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0, CONV: tl.constexpr = 0,
-                         CONV_BIAS: tl.constexpr = 0, CONV_W: tl.constexpr = 4):
+                         BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0):
     # y[:, n-block] = epilogue(sum_s Part[s]) in split order: the same bits on every run (no atomics)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -212,8 +172,7 @@ def _split_reduce_kernel(Part, SSq, Bias, Res, stride_rm, Y, M, N, K, stride_ym,
     if NORM_SCALAR:
         rstd = 1.0 / tl.sqrt(ss / K + eps)
     _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
-              CS, CW, CB, conv_lo, conv_dim, scs_b, scs_c, scs_w, scw_c, scw_w,
-              HAS_BIAS, NORM_SCALAR, GLU, HAS_RES, CONV, CONV_BIAS, CONV_W)
+              HAS_BIAS, NORM_SCALAR, GLU, HAS_RES)
 
 
 @dataclass(frozen=True)
@@ -257,18 +216,6 @@ def clip(cfg: GemmConfig, N: int, K: int) -> GemmConfig:
 GLU_CODES = {"silu": 1, "gelu_tanh": 2, "gelu": 3}
 
 
-def _conv_args(conv, N: int, M: int, x: Tensor, other_epilogue: bool):
-    """(positional args, constexpr keywords) of the conv epilogue (`_conv_step`); placeholders without one."""
-    if conv is None:
-        return (x, x, x, 0, 0, 0, 0, 0, 0, 0), {}
-    from hybridize.ops.gemv.triton import CONV_ACTS, check_conv
-    state = check_conv(conv, N, M, other_epilogue, "skinny_gemm")
-    C, W = conv.weight.shape
-    args = (state, conv.weight, conv.bias if conv.bias is not None else x, int(conv.start), C, state.stride(0),
-            state.stride(1), state.stride(2) if W > 1 else 0, *conv.weight.stride())
-    return args, dict(CONV=CONV_ACTS[conv.activation], CONV_BIAS=conv.bias is not None, CONV_W=W)
-
-
 def _rows(t: Optional[Tensor], M: int, n: int, what: str) -> Optional[Tensor]:
     """An (M, n) operand with unit stride along n (a view when possible)."""
     if t is None:
@@ -283,8 +230,7 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                        config: Optional[GemmConfig] = None, out: Optional[Tensor] = None, *,
                        add: Optional[Tensor] = None, gate: Optional[Tensor] = None,
                        norm_weight: Optional[Tensor] = None, eps: float = 0.0, norm_offset: float = 0.0,
-                       norm_group: int = 0, glu: Optional[str] = None, residual: Optional[Tensor] = None,
-                       conv=None):
+                       norm_group: int = 0, glu: Optional[str] = None, residual: Optional[Tensor] = None):
     """x (M, K) with M ≤ MAX_M, weight (N, K) (unit stride along K), bias (N,) or None → y (M, N) in x's
     dtype (or into `out`, (M, N) with unit stride along N).
 
@@ -292,9 +238,7 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     `hybridize.ops.gemv.reference.gemv_fused_reference`): add (M, K) → the input is round(x + add),
     returned as h; gate (M, K); norm_weight (K,) (RMSNorm over K, or over groups of `norm_group` channels:
     then K and the config's block_k must be multiples of it); glu: weight = [gate rows; up rows] → y (M, N/2);
-    residual (M, N) added last; conv (`hybridize.ops.gemv.ConvUpdate`, state (M, C, W-1) updated in place):
-    y's columns [start, start + C) replaced by their causal conv step (no glu / residual with it). Returns y,
-    or (y, h) with `add`."""
+    residual (M, N) added last. Returns y, or (y, h) with `add`."""
     kernel, reduce_kernel = _skinny_kernel, _split_reduce_kernel
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"skinny_gemm: x {tuple(x.shape)} must be (M, K) for weight (N, K) = {tuple(weight.shape)}")
@@ -325,13 +269,12 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          f"got {tuple(out.shape)} {out.dtype} strides {tuple(out.stride())}")
     if norm_group < 0:
         raise ValueError(f"skinny_gemm: norm_group must be >= 0 (0: one group over K), got {norm_group}")
-    cargs, ckw = _conv_args(conv, N, M, x, glu is not None or residual is not None)
     y = out if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
     h = torch.empty(M, K, device=x.device, dtype=x.dtype) if add is not None else None
     if M == 0 or K == 0 or (N == 0 and add is None):
         if K == 0 and y.numel():
             from hybridize.ops.gemv.reference import gemv_fused_reference
-            y.copy_(gemv_fused_reference(x, weight, bias, glu=glu, residual=residual, conv=conv))
+            y.copy_(gemv_fused_reference(x, weight, bias, glu=glu, residual=residual))
         return (y, h) if add is not None else y
     k_tiles = math.ceil(K / cfg.block_k)
     k_per_split = math.ceil(k_tiles / cfg.split_k) * cfg.block_k
@@ -350,17 +293,17 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         K, gate if gate is not None else x, gate.stride(0) if gate is not None else 0,
         norm_weight.contiguous() if norm_weight is not None else x,
         residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
-        float(eps), float(norm_offset), *cargs,
+        float(eps), float(norm_offset),
         HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=even_k, IEEE=x.dtype == torch.float32,
         HAS_ADD=add is not None, HAS_GATE=gate is not None, NORM=norm_weight is not None, NORM_GROUP=norm_group,
         GLU=GLU_CODES[glu] if glu else 0, HAS_RES=residual is not None,
         BLOCK_M=BM, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl, **(ckw if split == 1 else {}))
+        num_stages=cfg.num_stages, **pdl)
     if split > 1:
         bn = max(16, min(128, 4096 // BM))
         reduce_kernel[(math.ceil(N / bn),)](
             part, ssq, b, residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
-            y, M, N, K, y.stride(0), float(eps), *cargs, HAS_BIAS=bias is not None, SPLIT=split,
-            NORM_SCALAR=norm_scalar, GLU=GLU_CODES[glu] if glu else 0, HAS_RES=residual is not None, BLOCK_M=BM,
-            BLOCK_N=bn, num_warps=4, **pdl, **ckw)
+            y, M, N, K, y.stride(0), float(eps), HAS_BIAS=bias is not None, SPLIT=split, NORM_SCALAR=norm_scalar,
+            GLU=GLU_CODES[glu] if glu else 0, HAS_RES=residual is not None, BLOCK_M=BM, BLOCK_N=bn,
+            num_warps=4, **pdl)
     return (y, h) if add is not None else y

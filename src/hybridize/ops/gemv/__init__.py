@@ -233,22 +233,6 @@ def _(x, weight, bias, norm_weight, eps, norm_offset, conv_state, conv_weight, c
     return x.new_empty(1, weight.shape[0])
 
 
-@torch.library.custom_op("hybridize::skinny_gemm_conv", mutates_args=("conv_state",))
-def _skinny_gemm_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
-                         eps: float, norm_offset: float, conv_state: Tensor, conv_weight: Tensor,
-                         conv_bias: Optional[Tensor], conv_start: int, conv_act: str, block_n: int, block_k: int,
-                         split_k: int, num_warps: int, num_stages: int) -> Tensor:
-    conv = ConvUpdate(conv_state, conv_weight, conv_bias, conv_start, conv_act or None)
-    return _run_gemm(x, weight, bias, (block_n, block_k, split_k, num_warps, num_stages), norm_weight=norm_weight,
-                     eps=eps, norm_offset=norm_offset, conv=conv)
-
-
-@_skinny_gemm_conv_op.register_fake
-def _(x, weight, bias, norm_weight, eps, norm_offset, conv_state, conv_weight, conv_bias, conv_start, conv_act,
-      block_n, block_k, split_k, num_warps, num_stages):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
 @torch.library.custom_op("hybridize::skinny_gemm_fused", mutates_args=())
 def _skinny_gemm_fused_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Tensor],
                           gate: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor],
@@ -332,38 +316,26 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
         raise ValueError(f"fused_linear: glu must be one of {sorted(GLU_ACTS)}, got {glu!r}")
     if conv is not None and (add is not None or gate is not None or glu is not None or residual is not None):
         raise ValueError("fused_linear: a conv epilogue combines with a norm only (no add / gate / glu / residual)")
-    if (add is not None or norm is not None) and (glu is not None or residual is not None or conv is not None) \
+    if (add is not None or norm is not None) and (glu is not None or residual is not None) and conv is None \
             and x.shape[-1] and x.numel() // x.shape[-1] > FUSED_MAX_ROWS:
-        # many rows: the prologue (add / norm) runs as its own ops, the epilogue (GLU / residual / conv) stays
+        # many rows: the prologue (add / norm) runs as its own ops, the epilogue (GLU / residual) stays fused
         h = x if add is None else x + add
         y = fused_linear(norm(h, gate) if gate is not None else (norm(h) if norm is not None else h),
-                         weight, bias, glu=glu, residual=residual, conv=conv)
+                         weight, bias, glu=glu, residual=residual)
         return (y, h) if add is not None else y
     nparams = _norm_params(norm, gate is not None) if norm is not None else None
     extras = [t for t in (add, gate, residual) if t is not None]
     cfg = None
     if _FUSION_WANTED[0] and (norm is None or nparams is not None) \
             and all(t.dtype == x.dtype and t.device == x.device for t in extras) \
-            and (conv is None or conv.state.device == x.device):
+            and (conv is None or (conv.state.device == x.device and x.numel() == x.shape[-1])):
         variant = variant_name(add is not None, gate is not None, norm is not None, glu, residual is not None,
                                nparams[3] if nparams is not None else 0, conv_variant(conv) if conv else None)
         cfg = _gemv_config(x, weight, bias, variant)
     if cfg is not None:
         nw, eps, off, group = nparams if nparams is not None else (None, 0.0, 0.0, 0)
         K = weight.shape[-1]
-        if len(cfg) == 5 and conv is not None:  # skinny GEMM + conv step: c is a view of y
-            x2 = x.reshape(-1, K)
-            state = conv.state if conv.state.dim() == 3 else conv.state[None]
-            cargs = (x2, weight, bias, nw, eps, off, state, conv.weight, conv.bias, int(conv.start),
-                     conv.activation or "")
-            if torch.compiler.is_compiling():
-                y = torch.ops.hybridize.skinny_gemm_conv(*cargs, *cfg)
-            else:
-                y = _run_gemm(x2, weight, bias, cfg, norm_weight=nw, eps=eps, norm_offset=off,
-                              conv=conv._replace(state=state))
-            y = y.view(*x.shape[:-1], y.shape[-1])
-            return y, y[..., conv.start:conv.start + conv.weight.shape[0]]
-        if len(cfg) == 5:                       # skinny GEMM (several rows)
+        if len(cfg) == 5:                       # skinny GEMM (several rows; no conv epilogue: not recorded)
             x2 = x.reshape(-1, K)
             rows = lambda t: None if t is None else t.reshape(x2.shape[0], -1)   # noqa: E731
             args = (x2, weight, bias, rows(add), rows(gate), nw, rows(residual), eps, off, group, glu or "")
@@ -517,9 +489,9 @@ def _graph_time_us(fn_per_copy, copies: int, reps: int = 20) -> float:
 #: Mamba-2's conv update 2.1 µs, decode_fused_gemv_h100.json)
 SAVED_US = {"norm": 1.5, "glu": 1.0, "add": 0.5, "res": 0.5, "gate": 0.0, "conv": 2.0}
 #: the same for the skinny GEMM (rows > 1): at batch 64 torch.compile'd steps ran an (add +) RMSNorm as one
-#: 2.1-2.5 µs kernel, act(gate)·up 1.7 µs, Mamba-2's gated norm 1.5 µs, its conv update 3.5 µs (incl. its PDL
-#: wait on the in_proj; benchmarks/results/decode_b64_profile_s8_h100.json)
-SAVED_US_ROWS = {"norm": 2.0, "glu": 1.5, "add": 0.3, "res": 0.3, "gate": 0.0, "conv": 2.0}
+#: 2.1-2.5 µs kernel, act(gate)·up 1.7 µs, Mamba-2's gated norm 1.5 µs
+#: (benchmarks/results/decode_b64_profile_s8_h100.json)
+SAVED_US_ROWS = {"norm": 2.0, "glu": 1.5, "add": 0.3, "res": 0.3, "gate": 0.0, "conv": 0.0}
 
 
 def _saved_us(variant: str, rows: int = 1) -> float:
@@ -535,7 +507,7 @@ def _variant_inputs(variant: str, N: int, K: int, dtype, device, rows: int = 1) 
     conv = None
     if v["conv"] is not None:
         c = v["conv"]
-        conv = ConvUpdate(torch.randn(rows, c["channels"], c["width"] - 1, device=device),
+        conv = ConvUpdate(torch.randn(1, c["channels"], c["width"] - 1, device=device),
                           mk(c["channels"], c["width"]), mk(c["channels"]) if c["bias"] else None, c["start"],
                           c["activation"])
     return dict(add=mk(rows, K) if v["add"] else None, gate=mk(rows, K) if v["gate"] else None,
@@ -558,7 +530,7 @@ def _kernel_api(rows: int):
     from hybridize.ops.gemm.triton import CANDIDATES, clip, skinny_gemm_triton
 
     def run(x, w, b, cfg, conv=None, **fused):
-        return skinny_gemm_triton(x, w, b, cfg, conv=conv, **fused)
+        return skinny_gemm_triton(x, w, b, cfg, **fused)
     return CANDIDATES, clip, run, lambda c: (c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages)
 
 

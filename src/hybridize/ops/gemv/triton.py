@@ -171,31 +171,23 @@ class ConvUpdate(NamedTuple):
     activation: Optional[str] = "silu"
 
 
-def check_conv(conv: ConvUpdate, N: int, rows: int, other_epilogue: bool, who: str = "gemv") -> Tensor:
-    """Validates a conv epilogue over N output rows for `rows` input rows; returns its state as (rows, C, W-1)
-    (a view)."""
-    C, W = conv.weight.shape[0], conv.weight.shape[-1]
-    state = conv.state[None] if conv.state.dim() == 2 and rows == 1 else conv.state
-    if conv.weight.dim() != 2 or tuple(state.shape) != (rows, C, W - 1):
-        raise ValueError(f"{who}: conv state {tuple(conv.state.shape)} must be ({rows}, C, W-1)"
-                         f"{' or (C, W-1)' if rows == 1 else ''} for a conv weight (C, W) = {tuple(conv.weight.shape)}")
-    if not 0 <= conv.start <= N - C:
-        raise ValueError(f"{who}: conv rows [{conv.start}, {conv.start + C}) are not inside the {N} output rows")
-    if conv.activation not in CONV_ACTS:
-        raise ValueError(f"{who}: conv activation must be None or 'silu', got {conv.activation!r}")
-    if conv.bias is not None and conv.bias.numel() != C:
-        raise ValueError(f"{who}: conv bias must have {C} elements, got {tuple(conv.bias.shape)}")
-    if other_epilogue:
-        raise ValueError(f"{who}: the conv epilogue does not combine with glu or residual")
-    return state
-
-
 def _conv_args(conv: Optional[ConvUpdate], N: int, x: Tensor, other_epilogue: bool):
     """(positional args, constexpr keywords) of the conv epilogue; placeholders without one."""
     if conv is None:
         return (x, x, x, 0, 0, 0, 0, 0, 0), {}
-    state = check_conv(conv, N, 1, other_epilogue)[0]
-    C, W = conv.weight.shape
+    state = conv.state[0] if conv.state.dim() == 3 else conv.state
+    C, W = conv.weight.shape[0], conv.weight.shape[-1]
+    if conv.weight.dim() != 2 or tuple(state.shape) != (C, W - 1) or conv.state.dim() == 3 and conv.state.shape[0] != 1:
+        raise ValueError(f"gemv: conv state {tuple(conv.state.shape)} must be (1, C, W-1) or (C, W-1) for a conv "
+                         f"weight (C, W) = {tuple(conv.weight.shape)}")
+    if not 0 <= conv.start <= N - C:
+        raise ValueError(f"gemv: conv rows [{conv.start}, {conv.start + C}) are not inside the {N} output rows")
+    if conv.activation not in CONV_ACTS:
+        raise ValueError(f"gemv: conv activation must be None or 'silu', got {conv.activation!r}")
+    if conv.bias is not None and conv.bias.numel() != C:
+        raise ValueError(f"gemv: conv bias must have {C} elements, got {tuple(conv.bias.shape)}")
+    if other_epilogue:
+        raise ValueError("gemv: the conv epilogue does not combine with glu or residual")
     args = (state, conv.weight, conv.bias if conv.bias is not None else x, int(conv.start), C,
             state.stride(0), state.stride(1) if W > 1 else 0, *conv.weight.stride())
     return args, dict(CONV=CONV_ACTS[conv.activation], CONV_BIAS=conv.bias is not None, CONV_W=W,
