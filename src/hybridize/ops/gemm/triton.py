@@ -8,6 +8,10 @@ tiny M is the MMA's N dimension), each program streams BLOCK_N rows of W (evict-
 and for short N the K axis is split over SPLIT_K programs whose fp32 partials a second kernel sums in a
 fixed order (deterministic: no atomics), adding the bias and casting. Configs are tuned per shape against
 cuBLAS (`hybridize.ops.gemv.tune_shape` with rows > 1) and used only where they win.
+
+Tried and dropped: Mamba's conv step as an epilogue (its state read / shifted / written in the MMA tile's
+layout): 21.9 vs 10.5 µs for the 1.2 B hybrid's in_proj at 64 rows (+ the separate ~2-3.5 µs conv kernel),
+20.2 vs 9.2 µs with the norm at 8 rows (commit 60f0512, benchmarks/results/decode_b64_s9b_h100.json).
 """
 from __future__ import annotations
 
