@@ -64,6 +64,11 @@ FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, stages_long=3, merge_bs=64,
                   early=int(os.environ.get("HYBRIDIZE_ATTN_EARLY", "1")))
 
 
+#: launch parameters of the unfused kernels (batch > 1; benchmarks/attn_decode_batch_probe.py): warps and
+#: pipeline stages of the split kernel, GPU fills (`_tiles`), cache slots per tile (0: by head dim)
+UNFUSED_TUNE = dict(warps=4, stages=2, fill=4, block_n=0)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -457,7 +462,9 @@ def _decode_attention_impl(q: Tensor, k: Tensor, v: Tensor, n0: Tensor, window: 
     out = torch.empty(B, T, H, P, device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out
-    BLOCK_R, RB, BLOCK_P, BLOCK_N, S, blocks_per_split = _tiles(B, Hkv, R, C, P, q.device)
+    BLOCK_R, RB, BLOCK_P, BLOCK_N, S, blocks_per_split = _tiles(B, Hkv, R, C, P, q.device,
+                                                                 fill=int(UNFUSED_TUNE["fill"]),
+                                                                 block_n=int(UNFUSED_TUNE["block_n"]))
     programs = B * Hkv * RB
     f32 = dict(device=q.device, dtype=torch.float32)
     Mo = torch.empty(programs * S * BLOCK_R, **f32)
@@ -468,7 +475,7 @@ def _decode_attention_impl(q: Tensor, k: Tensor, v: Tensor, n0: Tensor, window: 
         q, k, v, n0, Mo, Lo, Ao, *q.stride(), *k.stride(), *v.stride(),
         Hkv, C, T, G, R, P, S, RB, blocks_per_split * BLOCK_N, int(window), float(scale) * 1.4426950408889634,
         HAS_WINDOW=window > 0, IEEE=_ieee(q.dtype), BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
-        num_warps=4, num_stages=2, **pdl_launch(q.device))
+        num_warps=int(UNFUSED_TUNE["warps"]), num_stages=int(UNFUSED_TUNE["stages"]), **pdl_launch(q.device))
     _merge(merge_kernel, Mo, Lo, Ao, out, n0, Hkv, G, R, P, S, RB, T, BLOCK_R, BLOCK_P, inc_lengths=False)
     return out
 
