@@ -12,10 +12,12 @@ import torch
 
 from hybridize.ops.attention import triton_decode as td
 
-VARIANTS = [("default", {}), ("stages 3", dict(stages=3)), ("stages 4", dict(stages=4)), ("warps 8", dict(warps=8)),
-            ("fill 2", dict(fill=2)), ("fill 8", dict(fill=8)), ("block 128", dict(block_n=128)),
-            ("block 128 stages 3", dict(block_n=128, stages=3)), ("block 32", dict(block_n=32)),
-            ("warps 8 stages 3", dict(warps=8, stages=3)), ("fill 8 stages 3", dict(fill=8, stages=3))]
+# "few" / "many": the settings below / above the programs-fill-the-SMs threshold, forced for every batch
+_FEW = dict(warps_many=4, stages_many=2)
+VARIANTS = [("default", {}), ("few", _FEW), ("many", dict(warps=8, stages=3)),
+            ("stages 3", dict(stages=3, **_FEW)), ("stages 4", dict(stages=4, stages_many=4, warps_many=4)),
+            ("fill 2", dict(fill=2)), ("fill 8", dict(fill=8)), ("block 128", dict(block_n=128, **_FEW)),
+            ("block 32", dict(block_n=32, **_FEW))]
 
 
 def _graph_us(fn, reps: int) -> float:

@@ -376,6 +376,9 @@ _REAL = {
     # ring buffer of window + T - 1 slots (what the speculative engine allocates), wrapped several times
     "window4096_ring": dict(B=8, H=32, Hkv=8, C=4099, P=128, window=4096,
                             lens=[0, 100, 4095, 4099, 5000, 8191, 12000, 20000]),
+    # (row, kv head) programs >= SMs: the kernel's "many" launch (UNFUSED_TUNE warps_many / stages_many)
+    "llama1b_b40_many": dict(B=40, H=32, Hkv=8, C=2112, P=64, window=0,
+                             lens=[(i * 677) % 2100 for i in range(40)]),
 }
 
 
@@ -438,6 +441,9 @@ _FUSED_REAL = {
                                lens=[0, 1, 777, 4095, 4096, 6000, 8000, 8188]),
     "window4096_ring": dict(B=8, H=32, Hkv=8, C=4099, P=128, window=4096,
                             lens=[0, 100, 4095, 4099, 5000, 8191, 12000, 20000]),
+    # (row, kv head) programs >= SMs: the kernel's "many" launch (UNFUSED_TUNE warps_many / stages_many)
+    "llama1b_b40_many": dict(B=40, H=32, Hkv=8, C=2112, P=64, window=0,
+                             lens=[(i * 677) % 2100 for i in range(40)]),
 }
 
 

@@ -65,8 +65,11 @@ FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, stages_long=3, merge_bs=64,
 
 
 #: launch parameters of the unfused kernels (batch > 1; benchmarks/attn_decode_batch_probe.py): warps and
-#: pipeline stages of the split kernel, GPU fills (`_tiles`), cache slots per tile (0: by head dim)
-UNFUSED_TUNE = dict(warps=4, stages=2, fill=4, block_n=0)
+#: pipeline stages of the split kernel, GPU fills (`_tiles`), cache slots per tile (0: by head dim); once the
+#: (row, kv head) programs alone fill the SMs, "warps_many" / "stages_many" (long splits of few programs
+#: each: deeper pipelines pay). H100, 8k tokens: batch 64 383 vs 423 µs a layer (84 vs 76 % of the floor),
+#: batch 8 (64 programs) keeps 4 warps / 2 stages: 58.5 vs 61.9 µs (attn_decode_batch_probe_s9_h100.json)
+UNFUSED_TUNE = dict(warps=4, stages=2, fill=4, block_n=0, warps_many=8, stages_many=3)
 
 
 def _next_pow2(n: int) -> int:
@@ -466,6 +469,7 @@ def _decode_attention_impl(q: Tensor, k: Tensor, v: Tensor, n0: Tensor, window: 
                                                                  fill=int(UNFUSED_TUNE["fill"]),
                                                                  block_n=int(UNFUSED_TUNE["block_n"]))
     programs = B * Hkv * RB
+    many = programs >= _num_sms(q.device)
     f32 = dict(device=q.device, dtype=torch.float32)
     Mo = torch.empty(programs * S * BLOCK_R, **f32)
     Lo = torch.empty(programs * S * BLOCK_R, **f32)
@@ -475,7 +479,8 @@ def _decode_attention_impl(q: Tensor, k: Tensor, v: Tensor, n0: Tensor, window: 
         q, k, v, n0, Mo, Lo, Ao, *q.stride(), *k.stride(), *v.stride(),
         Hkv, C, T, G, R, P, S, RB, blocks_per_split * BLOCK_N, int(window), float(scale) * 1.4426950408889634,
         HAS_WINDOW=window > 0, IEEE=_ieee(q.dtype), BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
-        num_warps=int(UNFUSED_TUNE["warps"]), num_stages=int(UNFUSED_TUNE["stages"]), **pdl_launch(q.device))
+        num_warps=int(UNFUSED_TUNE["warps_many" if many else "warps"]),
+        num_stages=int(UNFUSED_TUNE["stages_many" if many else "stages"]), **pdl_launch(q.device))
     _merge(merge_kernel, Mo, Lo, Ao, out, n0, Hkv, G, R, P, S, RB, T, BLOCK_R, BLOCK_P, inc_lengths=False)
     return out
 
