@@ -67,8 +67,9 @@ FUSED_TUNE = dict(warps=8, single_warps=8, stages=2, stages_long=3, merge_bs=64,
 #: launch parameters of the unfused kernels (batch > 1; benchmarks/attn_decode_batch_probe.py): warps and
 #: pipeline stages of the split kernel, GPU fills (`_tiles`), cache slots per tile (0: by head dim); once the
 #: (row, kv head) programs alone fill the SMs, "warps_many" / "stages_many" (long splits of few programs
-#: each: deeper pipelines pay). H100, 8k tokens: batch 64 383 vs 423 µs a layer (84 vs 76 % of the floor),
-#: batch 8 (64 programs) keeps 4 warps / 2 stages: 58.5 vs 61.9 µs (attn_decode_batch_probe_s9_h100.json)
+#: each: deeper pipelines pay). H100, 8k tokens, µs a layer: batch 64 383 vs 423 (84 vs 76 % of the floor),
+#: batch 32 219.6 vs 220.0; below the threshold 4 warps / 2 stages stay: batch 16 100.9 vs 120.6, batch 8
+#: 58.5 vs 61.9 (attn_decode_batch_probe_s9_h100.json)
 UNFUSED_TUNE = dict(warps=4, stages=2, fill=4, block_n=0, warps_many=8, stages_many=3)
 
 
