@@ -9,6 +9,7 @@ import argparse
 import json
 
 import torch
+from attn_decode_probe import _graph_us  # this folder: the CUDA-graph replay timer
 
 from hybridize.ops.attention import triton_decode as td
 
@@ -18,26 +19,6 @@ VARIANTS = [("default", {}), ("few", _FEW), ("many", dict(warps=8, stages=3)),
             ("stages 3", dict(stages=3, **_FEW)), ("stages 4", dict(stages=4, stages_many=4, warps_many=4)),
             ("fill 2", dict(fill=2)), ("fill 8", dict(fill=8)), ("block 128", dict(block_n=128, **_FEW)),
             ("block 32", dict(block_n=32, **_FEW))]
-
-
-def _graph_us(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None):

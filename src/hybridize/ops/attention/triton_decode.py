@@ -83,6 +83,19 @@ def _build_kernels():
     from triton.language.extra import libdevice
 
     @triton.jit
+    def _softmax_step(qk, m_i, l_i):
+        """Online softmax: scores qk (rows, cols) (-inf: masked) against the running max m_i and sum l_i →
+        (m_new, alpha = rescale of the old accumulator, pr = exp2(qk - m_new), l_new)."""
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        pr = tl.exp2(qk - m_use[:, None])
+        return m_new, alpha, pr, l_i * alpha + tl.sum(pr, 1)
+
+    # the interpreter (TRITON_INTERPRET=1) resolves a kernel's callees in its module's globals
+    globals()["_softmax_step"] = _softmax_step
+
+    @triton.jit
     def _split_kernel(Q, K, V, N0, Mo, Lo, Ao,
                       sqb, sqh, sqt, sqp, skb, skh, skc, skp, svb, svh, svc, svp,
                       Hkv, C, T, G, R, P, S, RB, slots_per_split, window, qk_scale,
@@ -130,12 +143,7 @@ def _build_kernels():
             valid = smask[None, :] & (ts[None, :] >= 0) & (age >= 0)
             if HAS_WINDOW:
                 valid = valid & (age < window)
-            qk = tl.where(valid, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            pr = tl.exp2(qk - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
+            m_new, alpha, pr, l_i = _softmax_step(tl.where(valid, qk * qk_scale, float("-inf")), m_i, l_i)
             v = tl.load(vb + s[:, None] * svc + p[None, :] * svp, mask=kv_mask, other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
@@ -262,12 +270,7 @@ def _build_kernels():
         valid = keep[None, :]                     # age = qpos - ts > 0 for every cached token
         if HAS_WINDOW:
             valid = valid & (qpos[:, None] - ts[None, :] < window)
-        qk = tl.where(valid, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        pr = tl.exp2(qk - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
+        m_new, alpha, pr, l_i = _softmax_step(tl.where(valid, qk * qk_scale, float("-inf")), m_i, l_i)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
         else:
@@ -368,12 +371,7 @@ def _build_kernels():
             valid = tmask[None, :] & (tn[None, :] <= t[:, None])
             if HAS_WINDOW:
                 valid = valid & (t[:, None] - tn[None, :] < window)
-            qk = tl.where(valid, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            pr = tl.exp2(qk - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
+            m_new, alpha, pr, l_i = _softmax_step(tl.where(valid, qk * qk_scale, float("-inf")), m_i, l_i)
             if ONE:
                 acc = acc * alpha[:, None] + pr * vn.to(tl.float32)
             elif IEEE:
