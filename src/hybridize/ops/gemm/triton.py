@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridize.ops._jit_helpers import glu_act
 from hybridize.ops.pdl import pdl_launch
 
 
@@ -49,14 +50,7 @@ def _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
             acc2 = acc2 * rstd[None, :]
         if HAS_BIAS:
             acc2 += tl.load(Bias + N + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-        if GLU == 1:      # silu
-            acc = acc * tl.sigmoid(acc)
-        elif GLU == 2:    # gelu, tanh approximation (tanh u = 2 sigmoid(2u) - 1)
-            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-            acc = acc * tl.sigmoid(2.0 * u)
-        else:             # gelu, erf
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        acc = acc * acc2
+        acc = glu_act(acc, GLU) * acc2
     mask = nmask[:, None] & mmask[None, :]
     if HAS_RES:
         acc += tl.load(Res + rm[None, :] * stride_rm + rn[:, None], mask=mask, other=0.0).to(tl.float32)

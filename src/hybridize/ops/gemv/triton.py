@@ -27,7 +27,10 @@ def _build():
     import triton
     import triton.language as tl
 
-    from hybridize.ops._prefetch import prefetch_l2 as _prefetch_l2
+    from hybridize.ops._jit_helpers import glu_act as _glu_act
+    from hybridize.ops._jit_helpers import prefetch_l2 as _prefetch_l2
+    # the interpreter (TRITON_INTERPRET=1) resolves a kernel's callees in its module's globals
+    globals()["_glu_act"] = _glu_act
 
     @triton.jit
     def _gemv_kernel(X, W, Bias, Y, N, K, stride_wn,
@@ -125,14 +128,7 @@ def _build():
             up = tl.sum(acc2, axis=1) * rstd
             if HAS_BIAS:
                 up += tl.load(Bias + N + rn, mask=rn < N, other=0.0).to(tl.float32)
-            if GLU == 1:      # silu
-                y = y * tl.sigmoid(y)
-            elif GLU == 2:    # gelu, tanh approximation (tanh u = 2 sigmoid(2u) - 1)
-                u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-                y = y * tl.sigmoid(2.0 * u)
-            else:             # gelu, erf
-                y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
-            y = y * up
+            y = _glu_act(y, GLU) * up
         if HAS_RES:
             y += tl.load(Res + rn, mask=rn < N, other=0.0).to(tl.float32)
         if CONV != 0:
