@@ -128,7 +128,8 @@ def main():
     from hybridize.ops.gemm.triton import GemmConfig, skinny_gemm_triton
     xm = torch.randn(8, 256, dtype=bf)
     skinny_gemm_triton(xm, w, None, GemmConfig(64, 64, 1, 4, 3), glu="silu", residual=torch.randn(8, 256, dtype=bf))
-    skinny_gemm_triton(xm, w, None, GemmConfig(64, 64, 2, 4, 3), norm_weight=nw, eps=1e-5)    # split-K + reduce
+    skinny_gemm_triton(xm, w, None, GemmConfig(64, 64, 2, 4, 3), norm_weight=nw, eps=1e-5)    # split-K (combine)
+    skinny_gemm_triton(xm, w, None, GemmConfig(64, 64, -5, 4, 3), glu="silu")       # stream-K, uneven parts
     ssd._step_impl(torch.randn(2, 8, 64, dtype=bf), torch.rand(2, 8, dtype=bf), None, torch.randn(2, 1, 128, dtype=bf),
                    torch.randn(2, 1, 128, dtype=bf), torch.zeros(2, 8, 64, 128, dtype=bf), None,
                    torch.randn(2, 8, 64, dtype=bf), None, None, True, 0.0, float("inf"), torch.randn(8),

@@ -1,8 +1,9 @@
 """Triton skinny GEMM (few rows, M ≤ MAX_M) vs its references: the plain product against
 `skinny_gemm_reference`, every fusion (add / gate / RMSNorm incl. groups and offset / GLU / residual)
-against `gemv_fused_reference`, with one split and with split-K partials (and their fixed-order reduce,
-which must be bitwise deterministic), `out=` buffers (also strided column slices), shape checks and
-odd shapes (N, K not multiples of the blocks, M = 1 and M = MAX_M).
+against `gemv_fused_reference`, with whole tiles, split-K and stream-K (tiles split unevenly over the
+programs; the parts summed in a fixed order by the last program to arrive, which must be bitwise
+deterministic and leave the arrival counters at zero), `out=` buffers (also strided column slices),
+shape checks and odd shapes (N, K not multiples of the blocks, M = 1 and M = MAX_M).
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest), where
 bf16 tl.dot is wrong (numpy has no bf16): bf16 is tested on CUDA only."""
@@ -31,11 +32,19 @@ def _tol(dtype):
     return dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-5, rtol=1e-4)
 
 
-def _splits(cfg, N, K):
-    """The number of K splits the wrapper launches for `cfg` (clipped) on an (N, K) weight."""
+def _plan(cfg, N, K):
+    """How the wrapper shares out the work of `cfg` (clipped) on an (N, K) weight."""
     c = kern.clip(cfg, N, K)
-    k_per_split = math.ceil(math.ceil(K / c.block_k) / c.split_k) * c.block_k
-    return math.ceil(K / k_per_split)
+    return kern.plan(c, math.ceil(N / c.block_n), math.ceil(K / c.block_k), torch.device(DEVICE))
+
+
+def _split(cfg, N, K) -> bool:
+    return _plan(cfg, N, K).segmented
+
+
+def _counters_clear():
+    for buf in kern._COUNTERS.values():
+        assert int(buf.abs().sum()) == 0, "an arrival counter was left non-zero"
 
 
 class _Spy:
@@ -54,10 +63,11 @@ class _Spy:
 
 
 @pytest.fixture
-def reduce_spy(monkeypatch):
-    spy = _Spy(kern._split_reduce_kernel)
-    monkeypatch.setattr(kern, "_split_reduce_kernel", spy)
-    return spy
+def kernel_spy(monkeypatch):
+    spy = _Spy(kern._skinny_kernel)
+    monkeypatch.setattr(kern, "_skinny_kernel", spy)
+    yield spy
+    _counters_clear()
 
 
 def _gen(seed):
@@ -70,29 +80,28 @@ def _mk(g, dtype, *shape, scale=1.0):
 
 # ---------------------------------------------------------------------------- plain product
 PLAIN_CONFIGS = (kern.CANDIDATES[0], Cfg(16, 16, 1, 4, 1), Cfg(32, 64, 2, 4, 2), Cfg(16, 32, 3, 4, 1),
-                 Cfg(64, 128, 3, 4, 3), Cfg(32, 16, 2, 2, 1))
+                 Cfg(64, 128, 3, 4, 3), Cfg(32, 16, 2, 2, 1), Cfg(16, 16, 0, 4, 1), Cfg(16, 16, -7, 4, 1),
+                 Cfg(16, 16, -5, 4, 1), Cfg(32, 32, -40, 4, 2))
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 16, 16), (5, 70, 257), (17, 33, 100), (64, 48, 64)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemm_matches_reference(M, N, K, bias, dtype, reduce_spy):
+def test_gemm_matches_reference(M, N, K, bias, dtype, kernel_spy):
     g = _gen(M * 10000 + N * 100 + K)
     x = _mk(g, dtype, M, K)
     w = _mk(g, dtype, N, K, scale=K ** -0.5)
     b = _mk(g, dtype, N) if bias else None
     want = skinny_gemm_reference(x, w, b)
     for cfg in PLAIN_CONFIGS:
-        n_reduce = len(reduce_spy.calls)
         got = kern.skinny_gemm_triton(x, w, b, cfg)
         assert got.shape == (M, N) and got.dtype == dtype and got.device == x.device
         torch.testing.assert_close(got.float(), want.float(), **_tol(dtype), msg=lambda m, c=cfg: f"{c}: {m}")
-        split = _splits(cfg, N, K)
-        assert len(reduce_spy.calls) == n_reduce + (split > 1)     # the partials went through the reduce
-        if split > 1:
-            assert reduce_spy.calls[-1]["SPLIT"] == split
-    if K >= 64:      # the configs above did exercise split-K on this shape
-        assert any(_splits(c, N, K) > 1 for c in PLAIN_CONFIGS)
+        p = _plan(cfg, N, K)
+        assert kernel_spy.calls[-1]["SEGMENTED"] == p.segmented       # split tiles go through the combine
+        assert kernel_spy.calls[-1]["TILES_PER_PROG"] == p.tiles_per_prog
+    if K >= 64:     # the configs above did split tiles unevenly (a program holding parts of two tiles)
+        assert any(_plan(c, N, K).segmented and _plan(c, N, K).tiles_per_prog > 1 for c in PLAIN_CONFIGS)
 
 
 def test_clip_fits_the_shape():
@@ -105,7 +114,10 @@ def test_clip_fits_the_shape():
             assert c.block_n <= cfg.block_n and c.block_k <= cfg.block_k
             assert c.block_n >= 16 and c.block_k >= 16
             assert c.block_n & (c.block_n - 1) == 0 and c.block_k & (c.block_k - 1) == 0
-            assert 1 <= c.split_k <= min(cfg.split_k, math.ceil(K / c.block_k))
+            if cfg.split_k > 0:
+                assert 1 <= c.split_k <= min(cfg.split_k, math.ceil(K / c.block_k))
+            else:                                       # stream-K settings stay
+                assert c.split_k == cfg.split_k
             assert (c.num_warps, c.num_stages) == (cfg.num_warps, cfg.num_stages)
 
 
@@ -127,7 +139,7 @@ def test_every_candidate_and_strided_operands():
 
 
 # ---------------------------------------------------------------------------- fusions
-FUSED_CONFIGS = (Cfg(32, 32, 1, 4, 1), Cfg(16, 32, 3, 4, 1), Cfg(64, 64, 2, 4, 1))
+FUSED_CONFIGS = (Cfg(32, 32, 1, 4, 1), Cfg(16, 32, 3, 4, 1), Cfg(64, 64, 2, 4, 1), Cfg(16, 32, -5, 4, 1))
 FUSIONS = ["add", "gate_norm_group", "norm_offset", "glu_silu", "glu_gelu_tanh", "glu_gelu", "residual", "all"]
 
 
@@ -155,14 +167,13 @@ def _fused_case(case, M, N, K, dtype, seed):
 
 @pytest.mark.parametrize("case", FUSIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fusions_match_reference(case, dtype, reduce_spy):
+def test_fusions_match_reference(case, dtype, kernel_spy):
     M, N = 5, 40
     K = 96 if case == "gate_norm_group" else 100       # groups need K % 32 == 0; 96 % 64 != 0 all the same
     x, w, b, kw = _fused_case(case, M, N, K, dtype, seed=FUSIONS.index(case))
     want = gemv_fused_reference(x, w, b, **kw)
     norm_scalar = kw.get("norm_weight") is not None and not kw.get("norm_group")
     for cfg in FUSED_CONFIGS:
-        n_reduce = len(reduce_spy.calls)
         got = kern.skinny_gemm_triton(x, w, b, cfg, **kw)
         if "add" in kw:
             (got, h), (want_y, want_h) = got, want
@@ -173,17 +184,18 @@ def test_fusions_match_reference(case, dtype, reduce_spy):
             want_y = want
         assert got.shape == (M, N) and got.dtype == dtype
         torch.testing.assert_close(got.float(), want_y.float(), **_tol(dtype), msg=lambda m, c=cfg: f"{c}: {m}")
-        split = _splits(cfg, N, K)
-        assert len(reduce_spy.calls) == n_reduce + (split > 1)
-        if split > 1:
-            assert reduce_spy.calls[-1]["NORM_SCALAR"] == norm_scalar
-            assert reduce_spy.calls[-1]["GLU"] == kern.GLU_CODES.get(kw["glu"], 0)
-    assert max(_splits(c, N, K) for c in FUSED_CONFIGS) > 1
+        call = kernel_spy.calls[-1]
+        assert call["SEGMENTED"] == _split(cfg, N, K)
+        assert call["NORM"] == (kw.get("norm_weight") is not None) and call["NORM_GROUP"] == (0 if norm_scalar else
+                                                                                            kw.get("norm_group", 0))
+        assert call["GLU"] == kern.GLU_CODES.get(kw["glu"], 0)
+    assert sum(_split(c, N, K) for c in FUSED_CONFIGS) >= 2
+    assert any(_plan(c, N, K).tiles_per_prog > 1 for c in FUSED_CONFIGS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("glu", [None, "gelu_tanh"])
-def test_norm_with_split_k_sums_the_partial_squares(dtype, glu, reduce_spy):
+def test_norm_with_split_k_sums_the_partial_squares(dtype, glu, kernel_spy):
     """RMSNorm over all of K with split-K: each split holds the sum of squares of its own K range only;
     the reduce must add all of them (per row) before the rstd. The input's scale differs by split and by
     row, so using one split's part, or another row's, is far off."""
@@ -201,12 +213,14 @@ def test_norm_with_split_k_sums_the_partial_squares(dtype, glu, reduce_spy):
     kw = dict(norm_weight=nw, eps=1e-6, glu=glu)
     want = gemv_fused_reference(x, w, b, **kw).float()
     one = kern.skinny_gemm_triton(x, w, b, Cfg(16, 32, 1, 4, 1), **kw)
-    assert reduce_spy.calls == []
+    assert kernel_spy.calls[-1]["SEGMENTED"] is False
     three = kern.skinny_gemm_triton(x, w, b, Cfg(16, 32, 3, 4, 1), **kw)   # 3 n-blocks x 3 splits
-    assert len(reduce_spy.calls) == 1
-    assert reduce_spy.calls[0]["SPLIT"] == 3 and reduce_spy.calls[0]["NORM_SCALAR"] is True
+    assert kernel_spy.calls[-1]["SEGMENTED"] is True and _plan(Cfg(16, 32, 3, 4, 1), N, K).max_seg == 3
+    uneven = kern.skinny_gemm_triton(x, w, b, Cfg(16, 32, -5, 4, 1), **kw)  # 9 tile-steps over 5 programs
+    assert kernel_spy.calls[-1]["TILES_PER_PROG"] == 2
     torch.testing.assert_close(one.float(), want, **_tol(dtype))
     torch.testing.assert_close(three.float(), want, **_tol(dtype))
+    torch.testing.assert_close(uneven.float(), want, **_tol(dtype))
 
 
 def test_grouped_norm_eps0_with_a_partial_k_tile():
@@ -223,12 +237,12 @@ def test_grouped_norm_eps0_with_a_partial_k_tile():
 
 # ---------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_k_is_deterministic(dtype, reduce_spy):
+def test_split_k_is_deterministic(dtype, kernel_spy):
     M, N, K = 7, 50, 200
     x, w, b, kw = _fused_case("all", M, N, K, dtype, seed=5)
     plain_w = w[:N]
-    for cfg in (Cfg(16, 16, 4, 4, 1), Cfg(32, 64, 3, 4, 1)):
-        assert _splits(cfg, N, K) > 1
+    for cfg in (Cfg(16, 16, 4, 4, 1), Cfg(32, 64, 3, 4, 1), Cfg(16, 16, -11, 4, 1)):
+        assert _split(cfg, N, K)
         a = kern.skinny_gemm_triton(x, plain_w, None, cfg)
         c = kern.skinny_gemm_triton(x, plain_w, None, cfg)
         assert torch.equal(a, c)
@@ -242,11 +256,12 @@ def test_split_k_is_deterministic(dtype, reduce_spy):
         buf = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)
         yb, _ = kern.skinny_gemm_triton(x, w, b, cfg, out=buf, **kw)
         assert yb is buf and torch.equal(buf, ya)
-    assert len(reduce_spy.calls) == 2 * 5
+    assert len(kernel_spy.calls) == 3 * 5 and all(c["SEGMENTED"] for c in kernel_spy.calls)
 
 
 # ---------------------------------------------------------------------------- out=
-@pytest.mark.parametrize("cfg", [Cfg(16, 32, 1, 4, 1), Cfg(16, 32, 3, 4, 1)], ids=["split1", "split3"])
+@pytest.mark.parametrize("cfg", [Cfg(16, 32, 1, 4, 1), Cfg(16, 32, 3, 4, 1), Cfg(16, 32, -4, 4, 1)],
+                         ids=["split1", "split3", "stream4"])
 def test_out_buffer_and_column_slice(cfg):
     M, N, K = 6, 37, 90
     dtype = torch.float32
@@ -313,7 +328,7 @@ def test_rejects_bad_inputs():
 
 # ---------------------------------------------------------------------------- edge shapes
 @pytest.mark.parametrize("M", [1, 16, 17, kern.MAX_M])
-def test_edge_rows(M, reduce_spy):
+def test_edge_rows(M, kernel_spy):
     """M = 1, the block_m boundary (16 / 17) and MAX_M; N not a multiple of block_n, K not one of block_k;
     plain, and add + norm + GLU + residual with split-K (padded rows of the sum of squares)."""
     N, K = 20, 40
@@ -327,11 +342,11 @@ def test_edge_rows(M, reduce_spy):
         torch.testing.assert_close(got, want, **_tol(dtype))
     xx, ww, bb, kw = _fused_case("all", M, N, K, dtype, seed=M + 1)
     want_y, want_h = gemv_fused_reference(xx, ww, bb, **kw)
-    for cfg in (Cfg(16, 16, 1, 4, 1), Cfg(16, 16, 3, 4, 1)):
+    for cfg in (Cfg(16, 16, 1, 4, 1), Cfg(16, 16, 3, 4, 1), Cfg(16, 16, -4, 4, 1)):
         y, h = kern.skinny_gemm_triton(xx, ww, bb, cfg, **kw)
         assert y.shape == (M, N) and torch.equal(h, want_h)
         torch.testing.assert_close(y, want_y, **_tol(dtype))
-    assert [c["SPLIT"] for c in reduce_spy.calls] == [2, 3]
+    assert [c["SEGMENTED"] for c in kernel_spy.calls] == [False, True, False, True, True]
 
 
 def test_out_and_norm_group_are_validated():

@@ -5,9 +5,11 @@ reading W once (arithmetic intensity M FLOP / byte, far below an H100's ~300). c
 shapes pick tiles made for large M: for a 2048-row W only a few dozen CTAs stream the weight and most SMs
 idle. Here the weight is the MMA's left operand (swap-AB: acc (BLOCK_N, BLOCK_M) = W_tile · x_tileᵀ, so the
 tiny M is the MMA's N dimension), each program streams BLOCK_N rows of W (evict-first: read once per step),
-and for short N the K axis is split over SPLIT_K programs whose fp32 partials a second kernel sums in a
-fixed order (deterministic: no atomics), adding the bias and casting. Configs are tuned per shape against
-cuBLAS (`hybridize.ops.gemv.tune_shape` with rows > 1) and used only where they win.
+and the (tile, K tile) iterations are shared out stream-K style: whole tiles, split-K, or the same number
+of iterations for every SM whatever the shape (a 5 152-row weight has 81 tiles of 64 rows for 132 SMs).
+A split tile's fp32 parts are summed in a fixed order by whichever of its programs arrives last (one
+kernel, the same bits on every run: no atomics on the data), which then runs the epilogue. Configs are tuned per shape against cuBLAS
+(`hybridize.ops.gemv.tune_shape` with rows > 1) and used only where they win.
 
 Tried and dropped: Mamba's conv step as an epilogue (its state read / shifted / written in the MMA tile's
 layout): 21.9 vs 10.5 µs for the 1.2 B hybrid's in_proj at 64 rows (+ the separate ~2-3.5 µs conv kernel),
@@ -15,9 +17,10 @@ layout): 21.9 vs 10.5 µs for the 1.2 B hybrid's in_proj at 64 rows (+ the separ
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -57,23 +60,17 @@ def _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
     tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty), mask=mask)
 
 @triton.jit
-def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
-                   Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, Res, stride_rm, eps, norm_offset,
-                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                   HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
-                   NORM_GROUP: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr = 0):
-    # program (n-block, k-split): acc (BLOCK_N, BLOCK_M) = W[rn, k-range] · u[:, k-range]ᵀ, where u is the
-    # prologue's input rows: h = round(x + add) (written by the n-block-0 programs: the residual stream),
-    # h·silu(gate), RMSNorm weight (·(offset + w)); one rstd per row is applied to the dot products at the
-    # end (sum of squares accumulated in the same pass over K; with SPLIT > 1 each split writes its part
-    # and the reduce kernel finishes it), or per group of NORM_GROUP channels inside each tile.
-    # Epilogue (SPLIT = 1 here, else in the reduce kernel): bias, GLU (rows [N, 2N) of W are the up
-    # projection), + residual.
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _tile_dot(X, W, M, N, K, stride_xm, stride_wn, tile, k_lo, k_hi,
+              Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, eps, norm_offset,
+              EVEN_K: tl.constexpr, IEEE: tl.constexpr, HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr,
+              NORM: tl.constexpr, NORM_GROUP: tl.constexpr, GLU: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) = W[tile's rows, k_lo:k_hi] · u[:, k_lo:k_hi]ᵀ, where u is the prologue's input
+    rows: h = round(x + add) (written by tile 0: the residual stream), h·silu(gate), RMSNorm weight
+    (·(offset + w)), per group of NORM_GROUP channels inside each K tile, or — one rstd per row over all of
+    K — scaled later from ss, the sum of squares of u over this K range. acc2: the GLU's up rows
+    (rows [N, 2N) of W)."""
+    rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     nmask = rn < N
@@ -81,13 +78,6 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stri
     rn_safe = tl.where(nmask, rn, 0).to(tl.int64)                 # int64: the head's N·K exceeds 2³¹
     w_rows = W + rn_safe[:, None] * stride_wn
     w2_rows = W + (rn_safe + N)[:, None] * stride_wn
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    if PDL:     # hybridize.ops.pdl: x / add / gate / residual may be written by the previous kernel (an L2
-        # prefetch of W's first 256 / 1024 elements a row before the wait, as the GEMV does, did not help at
-        # 64 rows: 19 292 / 18 985 vs 19 309 tokens/s, benchmarks/results/decode_b64_gemm_prefetch_s9_h100.json)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -101,7 +91,7 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stri
             if HAS_ADD:
                 x = (x + tl.load(Add + rm[:, None] * stride_am + kk[None, :], mask=xmask, other=0.0).to(
                     tl.float32)).to(X.dtype.element_ty, fp_downcast_rounding="rtne")
-                tl.store(Hout + rm[:, None] * stride_hm + kk[None, :], x, mask=xmask & ((rk * 0 + pid_n) == 0)[None, :])
+                tl.store(Hout + rm[:, None] * stride_hm + kk[None, :], x, mask=xmask & ((rk * 0 + tile) == 0)[None, :])
                 x = x.to(tl.float32)
             if HAS_GATE:
                 z = tl.load(Gate + rm[:, None] * stride_gm + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
@@ -128,49 +118,100 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, M, N, K, stride_xm, stride_wn, stri
                 w2 = tl.load(w2_rows + kk[None, :], mask=kmask[None, :], other=0.0,
                              eviction_policy="evict_first")
             acc2 = _dot(w2, xt, acc2, IEEE)
-    if SPLIT == 1:
-        rstd = ss
-        if NORM and NORM_GROUP == 0:
-            rstd = 1.0 / tl.sqrt(ss / K + eps)
-        _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
-                  HAS_BIAS, NORM and NORM_GROUP == 0, GLU, HAS_RES)
-    else:       # fp32 partials of this split: Part (SPLIT, 1 + [GLU], M, N), SSq (SPLIT, M)
-        omask = nmask[:, None] & mmask[None, :]
-        base = Part + (pid_k * (1 + (GLU != 0)) * M + rm[None, :]) * N + rn[:, None]
-        tl.store(base, acc, mask=omask)
-        if GLU != 0:
-            tl.store(base + M * N, acc2, mask=omask)
-        if NORM and NORM_GROUP == 0:
-            tl.store(SSq + pid_k * M + rm, ss, mask=mmask & ((rm * 0 + pid_n) == 0))
+    return acc, acc2, ss
+
 
 @triton.jit
-def _split_reduce_kernel(Part, SSq, Bias, Res, stride_rm, Y, M, N, K, stride_ym, eps,
-                         HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NORM_SCALAR: tl.constexpr,
-                         GLU: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0):
-    # y[:, n-block] = epilogue(sum_s Part[s]) in split order: the same bits on every run (no atomics)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _part_slot(prog, tile, per, k_tiles):
+    # a program holds parts of at most two tiles, its first (slot 2·prog) and its last (2·prog + 1); the tiles
+    # in between are whole
+    return 2 * prog + (tile != (prog * per) // k_tiles).to(tl.int32)
+
+
+@triton.jit
+def _finish_tile(acc, acc2, ss, tile, prog, first, n_seg, per, k_tiles, Part, SSq, Count, M, N, K, Bias, Res,
+                 stride_rm, Y, stride_ym, eps, SEGMENTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 NORM_SCALAR: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program `prog`'s share of `tile` is done (acc, acc2, ss as `_tile_dot`); programs first … first + n_seg - 1
+    share the tile. A whole tile goes straight to the epilogue; a part is stored (fp32), and the last of
+    the tile's programs to arrive (a per-tile arrival counter) sums all parts in program order — the same
+    bits whoever arrives last, no atomics on the data — then runs the epilogue and resets the counter for
+    the next launch."""
+    rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
-    mask = (rn < N)[:, None] & (rm < M)[None, :]
-    if PDL:
+    done = n_seg == 1
+    if SEGMENTED:
+        if n_seg > 1:
+            NP: tl.constexpr = 2 if GLU != 0 else 1
+            TILE: tl.constexpr = BLOCK_N * BLOCK_M
+            loc = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + rm[None, :]
+            slot = _part_slot(prog, tile, per, k_tiles).to(tl.int64)
+            tl.store(Part + slot * (NP * TILE) + loc, acc)
+            if GLU != 0:
+                tl.store(Part + slot * (NP * TILE) + TILE + loc, acc2)
+            if NORM_SCALAR:
+                tl.store(SSq + slot * BLOCK_M + rm, ss)
+            tl.debug_barrier()          # every thread's part is written before the (release) arrival
+            arrived = tl.atomic_add(Count + tile, 1, sem="acq_rel", scope="gpu")
+            done = arrived == n_seg - 1
+            if done:
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for j in range(first, first + n_seg):    # .cg: from L2, where the other SMs' parts are
+                    sj = _part_slot(j, tile, per, k_tiles).to(tl.int64)
+                    acc += tl.load(Part + sj * (NP * TILE) + loc, cache_modifier=".cg")
+                    if GLU != 0:
+                        acc2 += tl.load(Part + sj * (NP * TILE) + TILE + loc, cache_modifier=".cg")
+                    if NORM_SCALAR:
+                        ss += tl.load(SSq + sj * BLOCK_M + rm, cache_modifier=".cg")
+                tl.atomic_xchg(Count + tile, 0, sem="relaxed", scope="gpu")
+    if done:
+        rstd = ss
+        if NORM_SCALAR:
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
+        _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
+                  HAS_BIAS, NORM_SCALAR, GLU, HAS_RES)
+
+
+@triton.jit
+def _skinny_kernel(X, W, Bias, Y, Part, SSq, Count, M, N, K, stride_xm, stride_wn, stride_ym, k_tiles, per,
+                   total, Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, Res, stride_rm, eps,
+                   norm_offset, HAS_BIAS: tl.constexpr, SEGMENTED: tl.constexpr, TILES_PER_PROG: tl.constexpr,
+                   EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                   HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
+                   NORM_GROUP: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PDL: tl.constexpr = 0):
+    # The work is (tile of BLOCK_N outputs) × (K tile) iterations, `total` of them in tile-major order; each
+    # program takes `per` consecutive ones (stream-K): whole tiles when per = k_tiles (one tile each, or
+    # several), else pieces of at most TILES_PER_PROG tiles whose parts `_finish_tile` combines. Split-K
+    # is the case per = k_tiles / splits; "one program per SM" balances any shape over the SMs.
+    # Epilogue: rstd, bias, GLU, + residual.
+    pid = tl.program_id(0)
+    start = pid * per
+    end = tl.minimum(start + per, total)
+    t0 = start // k_tiles
+    if PDL:     # hybridize.ops.pdl: x / add / gate / residual may be written by the previous kernel (an L2
+        # prefetch of W's first 256 / 1024 elements a row before the wait, as the GEMV does, did not help at
+        # 64 rows: 19 292 / 18 985 vs 19 309 tokens/s, benchmarks/results/decode_b64_gemm_prefetch_s9_h100.json)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    stride_s = (1 + (GLU != 0)) * M * N
-    offs = rm[None, :] * N + rn[:, None]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc += tl.load(Part + s * stride_s + offs, mask=mask, other=0.0)
-        if GLU != 0:
-            acc2 += tl.load(Part + s * stride_s + M * N + offs, mask=mask, other=0.0)
-        if NORM_SCALAR:
-            ss += tl.load(SSq + s * M + rm, mask=rm < M, other=0.0)
-    rstd = ss
-    if NORM_SCALAR:
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
-    _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
-              HAS_BIAS, NORM_SCALAR, GLU, HAS_RES)
+    for s in tl.static_range(TILES_PER_PROG):
+        tile = t0 + s
+        lo = tl.maximum(start, tile * k_tiles)
+        hi = tl.minimum(end, tile * k_tiles + k_tiles)
+        if lo < hi:
+            acc, acc2, ss = _tile_dot(
+                X, W, M, N, K, stride_xm, stride_wn, tile, (lo - tile * k_tiles) * BLOCK_K,
+                (hi - tile * k_tiles) * BLOCK_K, Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, eps,
+                norm_offset, EVEN_K, IEEE, HAS_ADD, HAS_GATE, NORM, NORM_GROUP, GLU, BLOCK_M, BLOCK_N, BLOCK_K)
+            first = (tile * k_tiles) // per             # the programs holding parts of this tile
+            n_seg = (tile * k_tiles + k_tiles - 1) // per - first + 1
+            _finish_tile(acc, acc2, ss, tile, pid, first, n_seg, per, k_tiles, Part, SSq, Count, M, N, K, Bias,
+                         Res, stride_rm, Y, stride_ym, eps, SEGMENTED, HAS_BIAS, NORM and NORM_GROUP == 0, GLU,
+                         HAS_RES, BLOCK_M, BLOCK_N)
 
 
 @dataclass(frozen=True)
@@ -182,8 +223,8 @@ class GemmConfig:
     num_stages: int
 
 
-#: the candidates `tune_shape` times (each clipped to the shape); the first is the untuned default. From the
-#: H100 sweep of benchmarks/skinny_gemm_probe.py (benchmarks/results/skinny_gemm_probe_h100.json: 108
+#: the candidates `tune_shape` times (each clipped to the shape); the first is the untuned default. Tile
+#: configs from the H100 sweep of benchmarks/skinny_gemm_probe.py (benchmarks/results/skinny_gemm_probe_h100.json: 108
 #: configs at 64 rows on a 1.2 B model's six shapes) and its neighbours.
 CANDIDATES = (
     GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 5), GemmConfig(32, 128, 1, 4, 4),
@@ -192,6 +233,9 @@ CANDIDATES = (
     GemmConfig(32, 256, 2, 4, 3), GemmConfig(64, 128, 4, 4, 4), GemmConfig(64, 128, 4, 4, 5),
     GemmConfig(64, 64, 4, 4, 5), GemmConfig(64, 256, 4, 4, 3), GemmConfig(128, 128, 4, 8, 3),
     GemmConfig(64, 128, 8, 4, 3),
+    # stream-K, one program per SM
+    GemmConfig(64, 128, 0, 4, 4), GemmConfig(64, 128, 0, 4, 3), GemmConfig(32, 128, 0, 4, 4),
+    GemmConfig(128, 128, 0, 8, 3), GemmConfig(128, 64, 0, 4, 4), GemmConfig(64, 64, 0, 4, 5),
 )
 
 #: largest M the kernel takes (its accumulator holds all rows)
@@ -203,11 +247,74 @@ def block_m(M: int) -> int:
 
 
 def clip(cfg: GemmConfig, N: int, K: int) -> GemmConfig:
-    """`cfg` fitted to the shape: blocks no larger than the padded N / K, at most as many splits as K tiles."""
+    """`cfg` fitted to the shape: blocks no larger than the padded N / K, at most as many splits as K tiles
+    (split_k ≤ 0, the stream-K settings, stay as they are)."""
     bk = min(cfg.block_k, max(16, 1 << (K - 1).bit_length()))
     bn = min(cfg.block_n, max(16, 1 << (N - 1).bit_length()))
-    split = max(1, min(cfg.split_k, math.ceil(K / bk)))
+    split = cfg.split_k if cfg.split_k <= 0 else max(1, min(cfg.split_k, math.ceil(K / bk)))
     return GemmConfig(bn, bk, split, cfg.num_warps, cfg.num_stages)
+
+
+class Plan(NamedTuple):
+    """How `_skinny_kernel` shares the n_tiles × k_tiles iterations: `programs` programs of `per`
+    consecutive ones; a program touches at most `tiles_per_prog` tiles, a tile at most `max_seg` programs;
+    `segmented`: some tile is split (its parts are combined in the kernel)."""
+    programs: int
+    per: int
+    tiles_per_prog: int
+    max_seg: int
+    segmented: bool
+
+
+def plan(cfg: GemmConfig, n_tiles: int, k_tiles: int, device) -> Plan:
+    """split_k ≥ 1: split-K (n_tiles · split_k programs); 0: stream-K over the device's SMs (one program
+    each: every SM streams the same number of weight bytes, whatever the number of tiles); < 0: stream-K
+    over -split_k programs (tests)."""
+    total = n_tiles * k_tiles
+    if cfg.split_k > 0:
+        want = n_tiles * cfg.split_k
+    elif cfg.split_k == 0:
+        want = _num_sms(device)
+    else:
+        want = -cfg.split_k
+    per = math.ceil(total / max(1, min(want, total)))
+    programs = math.ceil(total / per)
+    if per % k_tiles == 0:                  # whole tiles, always starting at a tile's first iteration
+        return Plan(programs, per, per // k_tiles, 1, False)
+    if k_tiles % per == 0:                  # aligned parts of tiles
+        return Plan(programs, per, 1, k_tiles // per, True)
+    # a window of `per` consecutive iterations touches at most ⌈(per - 1) / k_tiles⌉ + 1 tiles, and the
+    # other way round
+    return Plan(programs, per, (per + k_tiles - 2) // k_tiles + 1, (k_tiles + per - 2) // per + 1, True)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device_type: str, index: Optional[int]) -> int:
+    if device_type != "cuda":
+        return 3        # the interpreter: an odd count, so that stream-K splits tiles unevenly
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
+
+
+def _num_sms(device) -> int:
+    device = torch.device(device)
+    return _sms(device.type, device.index)
+
+
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(device, n: int) -> Tensor:
+    """int32 zeros (≥ n) for `_finish_tile`'s per-tile arrival counts, one buffer per device: every launch
+    leaves them at zero again (the last arrival of a tile resets its count), so CUDA-graph replays and
+    later launches reuse them. Kernels on one stream run one after another (PDL: a launch touches them only
+    after its wait); concurrent skinny GEMMs on two streams of one device would share them — not done here."""
+    device = torch.device(device)
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 #: GLU activations of the fused gate/up epilogue (kernel constexpr codes; as `hybridize.ops.gemv`)
@@ -237,7 +344,7 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     returned as h; gate (M, K); norm_weight (K,) (RMSNorm over K, or over groups of `norm_group` channels:
     then K and the config's block_k must be multiples of it); glu: weight = [gate rows; up rows] → y (M, N/2);
     residual (M, N) added last. Returns y, or (y, h) with `add`."""
-    kernel, reduce_kernel = _skinny_kernel, _split_reduce_kernel
+    kernel = _skinny_kernel
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"skinny_gemm: x {tuple(x.shape)} must be (M, K) for weight (N, K) = {tuple(weight.shape)}")
     M, K = x.shape
@@ -274,34 +381,31 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             from hybridize.ops.gemv.reference import gemv_fused_reference
             y.copy_(gemv_fused_reference(x, weight, bias, glu=glu, residual=residual))
         return (y, h) if add is not None else y
-    k_tiles = math.ceil(K / cfg.block_k)
-    k_per_split = math.ceil(k_tiles / cfg.split_k) * cfg.block_k
-    split = math.ceil(K / k_per_split)                 # no empty splits
-    even_k = K % cfg.block_k == 0
+    n_tiles = max(1, math.ceil(N / cfg.block_n))
+    k_tiles = max(1, math.ceil(K / cfg.block_k))
+    g = plan(cfg, n_tiles, k_tiles, x.device)
     norm_scalar = norm_weight is not None and norm_group == 0
     f32 = dict(device=x.device, dtype=torch.float32)
-    part = torch.empty(split, 2 if glu else 1, M, N, **f32) if split > 1 else y
-    ssq = torch.empty(split, M, **f32) if split > 1 and norm_scalar else y
+    BM = block_m(M)
+    if g.segmented:         # ≤ 2 parts a program (whole (BLOCK_N, BLOCK_M) blocks) + per-tile arrival counters
+        part = torch.empty(g.programs * 2 * (2 if glu else 1), cfg.block_n * BM, **f32)
+        ssq = torch.empty(g.programs * 2, BM, **f32) if norm_scalar else part
+        count = _arrival_counters(x.device, n_tiles)
+    else:
+        part = ssq = count = y
     pdl = pdl_launch(x.device)
     b = bias.contiguous() if bias is not None else x
-    BM = block_m(M)
-    kernel[(max(1, math.ceil(N / cfg.block_n)), split)](
-        x, weight, b, y, part, ssq, M, N, K, x.stride(0), weight.stride(0), y.stride(0), k_per_split,
-        add if add is not None else x, add.stride(0) if add is not None else 0, h if h is not None else x,
-        K, gate if gate is not None else x, gate.stride(0) if gate is not None else 0,
+    kernel[(g.programs,)](
+        x, weight, b, y, part, ssq, count, M, N, K, x.stride(0), weight.stride(0), y.stride(0), k_tiles, g.per,
+        n_tiles * k_tiles, add if add is not None else x, add.stride(0) if add is not None else 0,
+        h if h is not None else x, K, gate if gate is not None else x, gate.stride(0) if gate is not None else 0,
         norm_weight.contiguous() if norm_weight is not None else x,
         residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
         float(eps), float(norm_offset),
-        HAS_BIAS=bias is not None, SPLIT=split, EVEN_K=even_k, IEEE=x.dtype == torch.float32,
+        HAS_BIAS=bias is not None, SEGMENTED=g.segmented, TILES_PER_PROG=g.tiles_per_prog,
+        EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32,
         HAS_ADD=add is not None, HAS_GATE=gate is not None, NORM=norm_weight is not None, NORM_GROUP=norm_group,
         GLU=GLU_CODES[glu] if glu else 0, HAS_RES=residual is not None,
         BLOCK_M=BM, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl)
-    if split > 1:
-        bn = max(16, min(128, 4096 // BM))
-        reduce_kernel[(math.ceil(N / bn),)](
-            part, ssq, b, residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
-            y, M, N, K, y.stride(0), float(eps), HAS_BIAS=bias is not None, SPLIT=split, NORM_SCALAR=norm_scalar,
-            GLU=GLU_CODES[glu] if glu else 0, HAS_RES=residual is not None, BLOCK_M=BM, BLOCK_N=bn,
-            num_warps=4, **pdl)
     return (y, h) if add is not None else y
