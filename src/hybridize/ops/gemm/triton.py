@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybridize.ops._jit_helpers import glu_act
+from hybridize.ops._jit_helpers import glu_act, prefetch_l2
 from hybridize.ops.pdl import pdl_launch
 
 
@@ -183,7 +184,7 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, Count, M, N, K, stride_xm, stride_w
                    HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
                    NORM_GROUP: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr = 0):
+                   PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64):
     # The work is (tile of BLOCK_N outputs) × (K tile) iterations, `total` of them in tile-major order; each
     # program takes `per` consecutive ones (stream-K): whole tiles when per = k_tiles (one tile each, or
     # several), else pieces of at most TILES_PER_PROG tiles whose parts `_finish_tile` combines. Split-K
@@ -193,9 +194,13 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, Count, M, N, K, stride_xm, stride_w
     start = pid * per
     end = tl.minimum(start + per, total)
     t0 = start // k_tiles
-    if PDL:     # hybridize.ops.pdl: x / add / gate / residual may be written by the previous kernel (an L2
-        # prefetch of W's first 256 / 1024 elements a row before the wait, as the GEMV does, did not help at
-        # 64 rows: 19 292 / 18 985 vs 19 309 tokens/s, benchmarks/results/decode_b64_gemm_prefetch_s9_h100.json)
+    if PDL:     # hybridize.ops.pdl: x / add / gate / residual may be written by the previous kernel
+        if PREFETCH > 0:    # W is not: L2-prefetch the first PREFETCH elements of the first tile's rows
+            rn0 = tl.minimum(t0 * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+            pk = tl.minimum((start - t0 * k_tiles) * BLOCK_K + tl.arange(0, PREFETCH // LINE) * LINE, K - 1)
+            prefetch_l2(W + rn0[:, None] * stride_wn + pk[None, :])
+            if GLU != 0:
+                prefetch_l2(W + (rn0 + N)[:, None] * stride_wn + pk[None, :])
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     for s in tl.static_range(TILES_PER_PROG):
@@ -237,6 +242,11 @@ CANDIDATES = (
     GemmConfig(64, 128, 0, 4, 4), GemmConfig(64, 128, 0, 4, 3), GemmConfig(32, 128, 0, 4, 4),
     GemmConfig(128, 128, 0, 8, 3), GemmConfig(128, 64, 0, 4, 4), GemmConfig(64, 64, 0, 4, 5),
 )
+
+#: weight elements a row each program L2-prefetches before its PDL wait, while the previous kernel drains
+#: (0: none). Only overlaps when a program of this kernel fits on an SM beside the previous kernel's
+#: (shared memory: see benchmarks/skinny_chain_probe.py).
+PREFETCH = int(os.environ.get("HYBRIDIZE_GEMM_PREFETCH", "0"))
 
 #: largest M the kernel takes (its accumulator holds all rows)
 MAX_M = 128
@@ -394,6 +404,9 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     else:
         part = ssq = count = y
     pdl = pdl_launch(x.device)
+    if pdl.get("PDL") and PREFETCH > 0:
+        line = max(1, 128 // weight.element_size())
+        pdl = dict(pdl, PREFETCH=max(line, 1 << (min(PREFETCH, K).bit_length() - 1)), LINE=line)
     b = bias.contiguous() if bias is not None else x
     kernel[(g.programs,)](
         x, weight, b, y, part, ssq, count, M, N, K, x.stride(0), weight.stride(0), y.stride(0), k_tiles, g.per,
