@@ -78,11 +78,16 @@ def _compile_instead(self, *args, grid, warmup, **kwargs):
             sig[p.name] = "i64" if abs(v) >= 2 ** 31 else "i32"
         else:
             sig[p.name] = "fp32"
-    ptx = triton.compile(triton.compiler.ASTSource(fn=self, signature=sig, constexprs=const),
+    # what the launcher specialises on: 16-byte aligned pointers, integers divisible by 16 (without these
+    # hints loads are not vectorised and no K loop is software-pipelined)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(self.params) if not p.is_constexpr and (
+        isinstance(bound.get(p.name), torch.Tensor) or (type(bound.get(p.name)) is int and bound[p.name]
+                                                         and bound[p.name] % 16 == 0))}
+    ptx = triton.compile(triton.compiler.ASTSource(fn=self, signature=sig, constexprs=const, attrs=attrs),
                          target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
     print(json.dumps(dict(kernel=self.fn.__name__, launch_pdl=bool(opts.get("launch_pdl")),
                           prefetch=_first(ptx, r"^\s*prefetch\.global"),
-                          wait=_first(ptx, r"griddepcontrol\.wait"),
+                          wait=_first(ptx, r"griddepcontrol\.wait"), cp_async=len(re.findall(r"cp\.async\.", ptx)),
                           launch=_first(ptx, r"griddepcontrol\.launch_dependents"),
                           load=_first(ptx, _PRED + r"ld\.global"), store=_first(ptx, _PRED + r"(st|atom|red)\.global"),
                           loads_before_wait=len(re.findall(_PRED + r"ld\.global", ptx.split("griddepcontrol.wait")[0],

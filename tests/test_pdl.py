@@ -1,8 +1,8 @@
 """Programmatic dependent launch (hybridize.ops.pdl): when it is on, and — compiled offline for sm_90, no
 GPU needed — that every decode-step kernel waits (griddepcontrol.wait) before its first global write and
 before its first global load (the GEMV may only prefetch its weights before it, the fused decode attention
-read lengths and inv_freq), and lets the next kernel
-start only after its own wait. GPU: a graph-replayed hybrid decode gives the same tokens with PDL on / off."""
+read lengths and inv_freq), and lets the next kernel start only after its own wait; the skinny GEMM's K
+loops are software-pipelined in every work split. GPU: a graph-replayed hybrid decode gives the same tokens with PDL on / off."""
 import json
 import os
 import subprocess
@@ -82,6 +82,8 @@ def test_decode_kernels_wait_before_touching_dependent_memory():
         else:
             assert r["load"] is None or r["wait"] < r["load"], r
             assert r["pre_wait_load_tensors"] == [], r
+        if r["kernel"] == "_skinny_kernel":     # its K loops are software-pipelined (cp.async), split or not
+            assert r["cp_async"] > 0, r
         if r["kernel"] == "_gemv_kernel":                      # the weight prefetch goes before the wait
             assert r["prefetch"] is not None and r["prefetch"] < r["wait"], r
         else:

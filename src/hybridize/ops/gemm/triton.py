@@ -61,64 +61,59 @@ def _epilogue(acc, acc2, rstd, rn, rm, N, M, Bias, Res, stride_rm, Y, stride_ym,
     tl.store(Y + rm[None, :] * stride_ym + rn[:, None], acc.to(Y.dtype.element_ty), mask=mask)
 
 @triton.jit
-def _tile_dot(X, W, M, N, K, stride_xm, stride_wn, tile, k_lo, k_hi,
-              Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, eps, norm_offset,
-              EVEN_K: tl.constexpr, IEEE: tl.constexpr, HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr,
-              NORM: tl.constexpr, NORM_GROUP: tl.constexpr, GLU: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc (BLOCK_N, BLOCK_M) = W[tile's rows, k_lo:k_hi] · u[:, k_lo:k_hi]ᵀ, where u is the prologue's input
-    rows: h = round(x + add) (written by tile 0: the residual stream), h·silu(gate), RMSNorm weight
-    (·(offset + w)), per group of NORM_GROUP channels inside each K tile, or — one rstd per row over all of
-    K — scaled later from ss, the sum of squares of u over this K range. acc2: the GLU's up rows
-    (rows [N, 2N) of W)."""
+def _k_step(acc, acc2, ss, X, W, M, N, K, stride_xm, stride_wn, tile, k0,
+            Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, eps, norm_offset,
+            EVEN_K: tl.constexpr, IEEE: tl.constexpr, HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr,
+            NORM: tl.constexpr, NORM_GROUP: tl.constexpr, GLU: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K tile [k0, k0 + BLOCK_K) of `tile`: acc (BLOCK_N, BLOCK_M) += W[tile's rows, K tile] · u[:, K tile]ᵀ,
+    where u is the prologue's input rows: h = round(x + add) (written by tile 0: the residual stream),
+    h·silu(gate), RMSNorm weight (·(offset + w)), per group of NORM_GROUP channels inside the K tile, or —
+    one rstd per row over all of K — scaled at the end from ss += the sum of squares of u. acc2: the GLU's
+    up rows (rows [N, 2N) of W)."""
     rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     nmask = rn < N
     mmask = rm < M
     rn_safe = tl.where(nmask, rn, 0).to(tl.int64)                 # int64: the head's N·K exceeds 2³¹
-    w_rows = W + rn_safe[:, None] * stride_wn
-    w2_rows = W + (rn_safe + N)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + rk
-        kmask = kk < K
-        xmask = mmask[:, None] & kmask[None, :]
-        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0)
-        if HAS_ADD or HAS_GATE or NORM:
+    kk = k0 + rk
+    kmask = kk < K
+    xmask = mmask[:, None] & kmask[None, :]
+    x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0)
+    if HAS_ADD or HAS_GATE or NORM:
+        x = x.to(tl.float32)
+        if HAS_ADD:
+            x = (x + tl.load(Add + rm[:, None] * stride_am + kk[None, :], mask=xmask, other=0.0).to(
+                tl.float32)).to(X.dtype.element_ty, fp_downcast_rounding="rtne")
+            tl.store(Hout + rm[:, None] * stride_hm + kk[None, :], x, mask=xmask & ((rk * 0 + tile) == 0)[None, :])
             x = x.to(tl.float32)
-            if HAS_ADD:
-                x = (x + tl.load(Add + rm[:, None] * stride_am + kk[None, :], mask=xmask, other=0.0).to(
-                    tl.float32)).to(X.dtype.element_ty, fp_downcast_rounding="rtne")
-                tl.store(Hout + rm[:, None] * stride_hm + kk[None, :], x, mask=xmask & ((rk * 0 + tile) == 0)[None, :])
-                x = x.to(tl.float32)
-            if HAS_GATE:
-                z = tl.load(Gate + rm[:, None] * stride_gm + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
-                x = x * z * tl.sigmoid(z)
-            if NORM:
-                if NORM_GROUP == 0:
-                    ss += tl.sum(x * x, axis=1)
-                else:       # whole groups in every tile (BLOCK_K % NORM_GROUP == 0, K % NORM_GROUP == 0)
-                    xg = tl.reshape(x, (BLOCK_M, BLOCK_K // NORM_GROUP, NORM_GROUP))
-                    rg = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=2) / NORM_GROUP + eps)
-                    # padding lanes (K % BLOCK_K) form whole zero groups: 0 · rsqrt(0 + eps) is NaN at eps = 0
-                    x = tl.where(xmask, tl.reshape(xg * rg[:, :, None], (BLOCK_M, BLOCK_K)), 0.0)
-                x = x * (tl.load(NormW + kk, mask=kmask, other=0.0).to(tl.float32) + norm_offset)[None, :]
-        xt = tl.trans(x)
+        if HAS_GATE:
+            z = tl.load(Gate + rm[:, None] * stride_gm + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
+            x = x * z * tl.sigmoid(z)
+        if NORM:
+            if NORM_GROUP == 0:
+                ss += tl.sum(x * x, axis=1)
+            else:       # whole groups in every tile (BLOCK_K % NORM_GROUP == 0, K % NORM_GROUP == 0)
+                xg = tl.reshape(x, (BLOCK_M, BLOCK_K // NORM_GROUP, NORM_GROUP))
+                rg = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=2) / NORM_GROUP + eps)
+                # padding lanes (K % BLOCK_K) form whole zero groups: 0 · rsqrt(0 + eps) is NaN at eps = 0
+                x = tl.where(xmask, tl.reshape(xg * rg[:, :, None], (BLOCK_M, BLOCK_K)), 0.0)
+            x = x * (tl.load(NormW + kk, mask=kmask, other=0.0).to(tl.float32) + norm_offset)[None, :]
+    xt = tl.trans(x)
+    w_ptrs = W + rn_safe[:, None] * stride_wn + kk[None, :]
+    if EVEN_K:
+        w = tl.load(w_ptrs, eviction_policy="evict_first")
+    else:
+        w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
+    acc = _dot(w, xt, acc, IEEE)
+    if GLU != 0:
+        w2_ptrs = w_ptrs + N * stride_wn
         if EVEN_K:
-            w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")
+            w2 = tl.load(w2_ptrs, eviction_policy="evict_first")
         else:
-            w = tl.load(w_rows + kk[None, :], mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
-        acc = _dot(w, xt, acc, IEEE)
-        if GLU != 0:
-            if EVEN_K:
-                w2 = tl.load(w2_rows + kk[None, :], eviction_policy="evict_first")
-            else:
-                w2 = tl.load(w2_rows + kk[None, :], mask=kmask[None, :], other=0.0,
-                             eviction_policy="evict_first")
-            acc2 = _dot(w2, xt, acc2, IEEE)
+            w2 = tl.load(w2_ptrs, mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
+        acc2 = _dot(w2, xt, acc2, IEEE)
     return acc, acc2, ss
 
 
@@ -132,7 +127,7 @@ def _part_slot(prog, tile, per, k_tiles):
 @triton.jit
 def _finish_tile(acc, acc2, ss, tile, prog, first, n_seg, per, k_tiles, Part, SSq, Count, M, N, K, Bias, Res,
                  stride_rm, Y, stride_ym, eps, SEGMENTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 NORM_SCALAR: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
+                 NORM_SCALAR: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, MAXSEG: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program `prog`'s share of `tile` is done (acc, acc2, ss as `_tile_dot`); programs first … first + n_seg - 1
     share the tile. A whole tile goes straight to the epilogue; a part is stored (fp32), and the last of
@@ -160,13 +155,14 @@ def _finish_tile(acc, acc2, ss, tile, prog, first, n_seg, per, k_tiles, Part, SS
                 acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for j in range(first, first + n_seg):    # .cg: from L2, where the other SMs' parts are
-                    sj = _part_slot(j, tile, per, k_tiles).to(tl.int64)
-                    acc += tl.load(Part + sj * (NP * TILE) + loc, cache_modifier=".cg")
-                    if GLU != 0:
-                        acc2 += tl.load(Part + sj * (NP * TILE) + TILE + loc, cache_modifier=".cg")
-                    if NORM_SCALAR:
-                        ss += tl.load(SSq + sj * BLOCK_M + rm, cache_modifier=".cg")
+                for jj in tl.static_range(MAXSEG):     # unrolled: no loop nested in the caller's K loop
+                    if jj < n_seg:                        # .cg: from L2, where the other SMs' parts are
+                        sj = _part_slot(first + jj, tile, per, k_tiles).to(tl.int64)
+                        acc += tl.load(Part + sj * (NP * TILE) + loc, cache_modifier=".cg")
+                        if GLU != 0:
+                            acc2 += tl.load(Part + sj * (NP * TILE) + TILE + loc, cache_modifier=".cg")
+                        if NORM_SCALAR:
+                            ss += tl.load(SSq + sj * BLOCK_M + rm, cache_modifier=".cg")
                 tl.atomic_xchg(Count + tile, 0, sem="relaxed", scope="gpu")
     if done:
         rstd = ss
@@ -180,15 +176,15 @@ def _finish_tile(acc, acc2, ss, tile, prog, first, n_seg, per, k_tiles, Part, SS
 def _skinny_kernel(X, W, Bias, Y, Part, SSq, Count, M, N, K, stride_xm, stride_wn, stride_ym, k_tiles, per,
                    total, Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, Res, stride_rm, eps,
                    norm_offset, HAS_BIAS: tl.constexpr, SEGMENTED: tl.constexpr, TILES_PER_PROG: tl.constexpr,
-                   EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                   MAXSEG: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
                    NORM_GROUP: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64):
     # The work is (tile of BLOCK_N outputs) × (K tile) iterations, `total` of them in tile-major order; each
-    # program takes `per` consecutive ones (stream-K): whole tiles when per = k_tiles (one tile each, or
-    # several), else pieces of at most TILES_PER_PROG tiles whose parts `_finish_tile` combines. Split-K
-    # is the case per = k_tiles / splits; "one program per SM" balances any shape over the SMs.
+    # program takes `per` consecutive ones (stream-K): whole tiles when per is a multiple of k_tiles (up to
+    # TILES_PER_PROG each), else parts of up to TILES_PER_PROG tiles that `_finish_tile` combines.
+    # Split-K is the case per = k_tiles / splits; "one program per SM" balances any shape over the SMs.
     # Epilogue: rstd, bias, GLU, + residual.
     pid = tl.program_id(0)
     start = pid * per
@@ -203,20 +199,45 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, Count, M, N, K, stride_xm, stride_w
                 prefetch_l2(W + (rn0 + N)[:, None] * stride_wn + pk[None, :])
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    for s in tl.static_range(TILES_PER_PROG):
-        tile = t0 + s
-        lo = tl.maximum(start, tile * k_tiles)
-        hi = tl.minimum(end, tile * k_tiles + k_tiles)
-        if lo < hi:
-            acc, acc2, ss = _tile_dot(
-                X, W, M, N, K, stride_xm, stride_wn, tile, (lo - tile * k_tiles) * BLOCK_K,
-                (hi - tile * k_tiles) * BLOCK_K, Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, eps,
-                norm_offset, EVEN_K, IEEE, HAS_ADD, HAS_GATE, NORM, NORM_GROUP, GLU, BLOCK_M, BLOCK_N, BLOCK_K)
-            first = (tile * k_tiles) // per             # the programs holding parts of this tile
-            n_seg = (tile * k_tiles + k_tiles - 1) // per - first + 1
-            _finish_tile(acc, acc2, ss, tile, pid, first, n_seg, per, k_tiles, Part, SSq, Count, M, N, K, Bias,
-                         Res, stride_rm, Y, stride_ym, eps, SEGMENTED, HAS_BIAS, NORM and NORM_GROUP == 0, GLU,
-                         HAS_RES, BLOCK_M, BLOCK_N)
+    if SEGMENTED:
+        # the parts of tiles the program's iterations cover, each a K loop (loop bounds, not an `if`, skip
+        # an empty one: a loop under an `if` is not software-pipelined) handed to `_finish_tile`
+        for s in tl.static_range(TILES_PER_PROG):
+            tile = t0 + s
+            lo = tl.maximum(start, tile * k_tiles) - tile * k_tiles
+            hi = tl.minimum(end, tile * k_tiles + k_tiles) - tile * k_tiles
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(lo * BLOCK_K, hi * BLOCK_K, BLOCK_K):
+                acc, acc2, ss = _k_step(acc, acc2, ss, X, W, M, N, K, stride_xm, stride_wn, tile, k0,
+                                        Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, eps,
+                                        norm_offset, EVEN_K, IEEE, HAS_ADD, HAS_GATE, NORM, NORM_GROUP, GLU,
+                                        BLOCK_M, BLOCK_N, BLOCK_K)
+            if lo < hi:
+                first = (tile * k_tiles) // per             # the programs holding parts of this tile
+                n_seg = (tile * k_tiles + k_tiles - 1) // per - first + 1
+                _finish_tile(acc, acc2, ss, tile, pid, first, n_seg, per, k_tiles, Part, SSq, Count, M, N, K,
+                             Bias, Res, stride_rm, Y, stride_ym, eps, SEGMENTED, HAS_BIAS,
+                             NORM and NORM_GROUP == 0, GLU, HAS_RES, MAXSEG, BLOCK_M, BLOCK_N)
+    else:
+        for s in tl.static_range(TILES_PER_PROG):       # whole tiles (every program has a first one)
+            tile = t0 + s
+            k_end = K
+            if s > 0:
+                k_end = tl.where(tile * k_tiles < end, K, 0)
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, k_end, BLOCK_K):
+                acc, acc2, ss = _k_step(acc, acc2, ss, X, W, M, N, K, stride_xm, stride_wn, tile, k0,
+                                        Add, stride_am, Hout, stride_hm, Gate, stride_gm, NormW, eps,
+                                        norm_offset, EVEN_K, IEEE, HAS_ADD, HAS_GATE, NORM, NORM_GROUP, GLU,
+                                        BLOCK_M, BLOCK_N, BLOCK_K)
+            if k_end > 0:
+                _finish_tile(acc, acc2, ss, tile, pid, tile, 1, per, k_tiles, Part, SSq, Count, M, N, K,
+                             Bias, Res, stride_rm, Y, stride_ym, eps, SEGMENTED, HAS_BIAS,
+                             NORM and NORM_GROUP == 0, GLU, HAS_RES, MAXSEG, BLOCK_M, BLOCK_N)
 
 
 @dataclass(frozen=True)
@@ -415,7 +436,7 @@ def skinny_gemm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         norm_weight.contiguous() if norm_weight is not None else x,
         residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
         float(eps), float(norm_offset),
-        HAS_BIAS=bias is not None, SEGMENTED=g.segmented, TILES_PER_PROG=g.tiles_per_prog,
+        HAS_BIAS=bias is not None, SEGMENTED=g.segmented, TILES_PER_PROG=g.tiles_per_prog, MAXSEG=g.max_seg,
         EVEN_K=K % cfg.block_k == 0, IEEE=x.dtype == torch.float32,
         HAS_ADD=add is not None, HAS_GATE=gate is not None, NORM=norm_weight is not None, NORM_GROUP=norm_group,
         GLU=GLU_CODES[glu] if glu else 0, HAS_RES=residual is not None,
