@@ -45,12 +45,10 @@ MAX_ROWS = 128
 #: most rows for which the fused variants with a prologue (add / gate / norm) are tried: the prologue reworks
 #: the (rows, K) input in every program, as much work as the weight tile once rows ~ block_n. At 64 rows on an
 #: H100 every such variant lost to the plain GEMM + the separate kernels by 0.7-6.7 µs (qkv + norm 12.7 vs
-#: 10.3 µs, Mamba-2's gated norm + out_proj 15.8 vs 9.1; benchmarks/results/decode_b64_skinny_h100.json), so
+#: 10.3 µs, Mamba-2's gated norm + out_proj 15.8 vs 9.1; benchmarks/results/decode_b64_skinny_h100.json;
+#: again with stream-K in session 10: norm + gate/up + GLU 30.3 vs 27.2 + a ~2.3 µs norm kernel), so
 #: above this `fused_linear` runs the prologue as separate ops and fuses the epilogue (GLU / residual) only
 FUSED_MAX_ROWS = 16
-#: the same limit for the GEMM prologues alone (HYBRIDIZE_PROLOGUE_MAX_ROWS: A/B of fusing add / norm at more
-#: rows; `FUSED_MAX_ROWS` still decides the other fusion choices, e.g. Mamba-2's gated norm placement)
-PROLOGUE_MAX_ROWS = int(os.environ.get("HYBRIDIZE_PROLOGUE_MAX_ROWS", FUSED_MAX_ROWS))
 #: every `tune_shape` record of this process (benchmarks put it in their JSON)
 TUNE_LOG: list = []
 
@@ -168,7 +166,7 @@ def _gemv_config(x: Tensor, weight: Tensor, bias: Optional[Tensor], variant: str
         return None
     rows = x.numel() // K if K else 0
     if rows < 1 or rows > MAX_ROWS or (rows > 1 and not _GEMM_WANTED[0]) \
-            or (rows > PROLOGUE_MAX_ROWS and _has_prologue(variant)):
+            or (rows > FUSED_MAX_ROWS and _has_prologue(variant)):
         return None
     key = _key(weight, bias is not None, variant, rows)
     if _RECORD is not None:
@@ -320,7 +318,7 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ad
     if conv is not None and (add is not None or gate is not None or glu is not None or residual is not None):
         raise ValueError("fused_linear: a conv epilogue combines with a norm only (no add / gate / glu / residual)")
     if (add is not None or norm is not None) and (glu is not None or residual is not None) and conv is None \
-            and x.shape[-1] and x.numel() // x.shape[-1] > PROLOGUE_MAX_ROWS:
+            and x.shape[-1] and x.numel() // x.shape[-1] > FUSED_MAX_ROWS:
         # many rows: the prologue (add / norm) runs as its own ops, the epilogue (GLU / residual) stays fused
         h = x if add is None else x + add
         y = fused_linear(norm(h, gate) if gate is not None else (norm(h) if norm is not None else h),
@@ -503,9 +501,6 @@ SAVED_US = {"norm": 1.5, "glu": 1.0, "add": 0.5, "res": 0.5, "gate": 0.0, "conv"
 #: 2.1-2.5 µs kernel, act(gate)·up 1.7 µs, Mamba-2's gated norm 1.5 µs
 #: (benchmarks/results/decode_b64_profile_s8_h100.json)
 SAVED_US_ROWS = {"norm": 2.0, "glu": 1.5, "add": 0.3, "res": 0.3, "gate": 0.0, "conv": 0.0}
-# HYBRIDIZE_SAVED_US_ROWS="norm:4,glu:2" overrides entries (A/B: what the separate kernels cost in a real step)
-SAVED_US_ROWS.update({k: float(v) for k, v in (kv.split(":") for kv in os.environ.get(
-    "HYBRIDIZE_SAVED_US_ROWS", "").split(",") if ":" in kv)})
 
 
 def _saved_us(variant: str, rows: int = 1) -> float:
