@@ -551,6 +551,10 @@ def _config_obj(cfg: tuple):
     return GemvConfig(*cfg)
 
 
+#: `tune_shape` re-times the best candidate and the baseline when they are within this fraction of each other
+CLOSE_CALL = 0.06
+
+
 def tune_shape(N: int, K: int, dtype: torch.dtype, device, has_bias: bool = False,
                l2_bytes: int = 256 << 20, variant: str = "plain", rows: int = 1) -> dict:
     """Time every candidate config for y = x (rows, K) Wᵀ (N, K) on `device` — the GEMV for one row, the
@@ -606,9 +610,19 @@ def tune_shape(N: int, K: int, dtype: torch.dtype, device, has_bias: bool = Fals
             continue
         rec["all"][str(cfg)] = us
         if best is None or us < best[1]:
-            best = (cfg, us)
+            best = (cfg, us, tri)
     rec["floor_us"] = (N * K + rows * (K + n_out)) * elt / 3.35e12 * 1e6
     margin = 0.98 if variant == "plain" else 1.0
+    if best is not None and abs(best[1] / (margin * rec["baseline_us"]) - 1.0) < CLOSE_CALL:
+        # a close call (one timing's noise flips it between runs): time both twice more, take the medians
+        saved = rec["baseline_us"] - rec.get("plain_us", rec["baseline_us"])
+        base_us, best_us = [rec["baseline_us"] - saved], [best[1]]
+        for _ in range(2):
+            base_us.append(_graph_time_us(base, copies))
+            best_us.append(_graph_time_us(best[2], copies))
+        rec["baseline_us"] = sorted(base_us)[1] + saved
+        best = (best[0], sorted(best_us)[1])
+        rec["rechecked"] = {"baseline_us": base_us, "triton_us": best_us}
     rec["config"] = best[0] if best and best[1] < margin * rec["baseline_us"] else None
     rec["triton_us"] = best[1] if best else None
     _CHOICE[_key(ws[0], has_bias, variant, rows)] = rec["config"]
