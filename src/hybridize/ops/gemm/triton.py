@@ -155,14 +155,19 @@ def _finish_tile(acc, acc2, ss, tile, prog, first, n_seg, per, k_tiles, Part, SS
                 acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for jj in tl.static_range(MAXSEG):     # unrolled: no loop nested in the caller's K loop
-                    if jj < n_seg:                        # .cg: from L2, where the other SMs' parts are
-                        sj = _part_slot(first + jj, tile, per, k_tiles).to(tl.int64)
-                        acc += tl.load(Part + sj * (NP * TILE) + loc, cache_modifier=".cg")
-                        if GLU != 0:
-                            acc2 += tl.load(Part + sj * (NP * TILE) + TILE + loc, cache_modifier=".cg")
-                        if NORM_SCALAR:
-                            ss += tl.load(SSq + sj * BLOCK_M + rm, cache_modifier=".cg")
+                # unrolled, masked rather than branched: all parts' loads are issued back to back (under an
+                # `if` each waited for the one before: ~2.8 µs more at 8 parts); .cg: from L2, where the
+                # other SMs' parts are; absent parts add 0
+                for jj in tl.static_range(MAXSEG):
+                    here = (loc * 0 + jj) < n_seg
+                    sj = _part_slot(first + tl.minimum(jj, n_seg - 1), tile, per, k_tiles).to(tl.int64)
+                    acc += tl.load(Part + sj * (NP * TILE) + loc, mask=here, other=0.0, cache_modifier=".cg")
+                    if GLU != 0:
+                        acc2 += tl.load(Part + sj * (NP * TILE) + TILE + loc, mask=here, other=0.0,
+                                        cache_modifier=".cg")
+                    if NORM_SCALAR:
+                        ss += tl.load(SSq + sj * BLOCK_M + rm, mask=(rm * 0 + jj) < n_seg, other=0.0,
+                                      cache_modifier=".cg")
                 tl.atomic_xchg(Count + tile, 0, sem="relaxed", scope="gpu")
     if done:
         rstd = ss
