@@ -129,8 +129,8 @@ def _finish_tile(acc, acc2, ss, tile, prog, first, n_seg, per, k_tiles, Part, SS
                  stride_rm, Y, stride_ym, eps, SEGMENTED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  NORM_SCALAR: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, MAXSEG: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program `prog`'s share of `tile` is done (acc, acc2, ss as `_k_step` sums them); programs first … first + n_seg - 1
-    share the tile. A whole tile goes straight to the epilogue; a part is stored (fp32), and the last of
+    """Program `prog`'s share of `tile` is done (acc, acc2, ss as `_k_step` sums them); programs first …
+    first + n_seg - 1 share the tile. A whole tile goes straight to the epilogue; a part is stored (fp32), and the last of
     the tile's programs to arrive (a per-tile arrival counter) sums all parts in program order — the same
     bits whoever arrives last, no atomics on the data — then runs the epilogue and resets the counter for
     the next launch."""
