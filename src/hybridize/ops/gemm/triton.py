@@ -8,8 +8,9 @@ tiny M is the MMA's N dimension), each program streams BLOCK_N rows of W (evict-
 and the (tile, K tile) iterations are shared out stream-K style: whole tiles, split-K, or the same number
 of iterations for every SM whatever the shape (a 5 152-row weight has 81 tiles of 64 rows for 132 SMs).
 A split tile's fp32 parts are summed in a fixed order by whichever of its programs arrives last (one
-kernel, the same bits on every run: no atomics on the data), which then runs the epilogue. Configs are tuned per shape against cuBLAS
-(`hybridize.ops.gemv.tune_shape` with rows > 1) and used only where they win.
+kernel, the same bits on every run: no atomics on the data), which then runs the epilogue. Configs are
+tuned per shape against cuBLAS (`hybridize.ops.gemv.tune_shape` with rows > 1) and used only where they
+win.
 
 Tried and dropped: Mamba's conv step as an epilogue (its state read / shifted / written in the MMA tile's
 layout): 21.9 vs 10.5 µs for the 1.2 B hybrid's in_proj at 64 rows (+ the separate ~2-3.5 µs conv kernel),
@@ -130,10 +131,10 @@ def _finish_tile(acc, acc2, ss, tile, prog, first, n_seg, per, k_tiles, Part, SS
                  NORM_SCALAR: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, MAXSEG: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program `prog`'s share of `tile` is done (acc, acc2, ss as `_k_step` sums them); programs first …
-    first + n_seg - 1 share the tile. A whole tile goes straight to the epilogue; a part is stored (fp32), and the last of
-    the tile's programs to arrive (a per-tile arrival counter) sums all parts in program order — the same
-    bits whoever arrives last, no atomics on the data — then runs the epilogue and resets the counter for
-    the next launch."""
+    first + n_seg - 1 share the tile. A whole tile goes straight to the epilogue; a part is stored (fp32),
+    and the last of the tile's programs to arrive (a per-tile arrival counter) sums all parts in program
+    order — the same bits whoever arrives last, no atomics on the data — then runs the epilogue and resets
+    the counter for the next launch."""
     rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     done = n_seg == 1
