@@ -357,3 +357,44 @@ def test_out_and_norm_group_are_validated():
             kern.skinny_gemm_triton(x, w, out=bad)
     with pytest.raises(ValueError, match="norm_group must be >= 0"):
         kern.skinny_gemm_triton(x, w, norm_weight=torch.ones(32, device=DEVICE), norm_group=-1)
+
+
+# ---------------------------------------------------------------------------- CUDA graphs (GPU)
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [Cfg(64, 128, 0, 4, 4), Cfg(64, 128, 4, 4, 4), Cfg(32, 64, -97, 4, 3)],
+                         ids=["stream_sms", "split4", "stream97"])
+def test_gpu_split_tiles_in_a_replayed_graph(cfg):
+    """Split tiles inside a CUDA graph (what the decode step does): replayed many times, back to back with
+    two different GEMMs sharing the per-device arrival counters, every replay gives the eager bits and the
+    counters end at zero (a count left behind would make the next launch's last arrival skip the epilogue)."""
+    if not _CUDA:
+        pytest.skip("needs a CUDA device")
+    g = _gen(21)
+    M, K = 64, 2048
+    x = _mk(g, torch.bfloat16, M, K)
+    w1, w2 = _mk(g, torch.bfloat16, 2048, K, scale=K ** -0.5), _mk(g, torch.bfloat16, 5152, K, scale=K ** -0.5)
+    res = _mk(g, torch.bfloat16, M, 2048)
+    assert _split(cfg, 2048, K) and _split(cfg, 5152, K)
+    want1 = kern.skinny_gemm_triton(x, w1, None, cfg, residual=res)
+    want2 = kern.skinny_gemm_triton(want1, w2, None, cfg)
+    torch.cuda.synchronize()
+    _counters_clear()
+    out1, out2 = torch.empty_like(want1), torch.empty_like(want2)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kern.skinny_gemm_triton(x, w1, None, cfg, residual=res, out=out1)
+        kern.skinny_gemm_triton(out1, w2, None, cfg, out=out2)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kern.skinny_gemm_triton(x, w1, None, cfg, residual=res, out=out1)
+        kern.skinny_gemm_triton(out1, w2, None, cfg, out=out2)
+    for _ in range(50):
+        out1.fill_(float("nan"))
+        out2.fill_(float("nan"))
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out1, want1) and torch.equal(out2, want2)
+    _counters_clear()
+    torch.testing.assert_close(want1.float(), (x.float() @ w1.float().T + res.float()), atol=3e-2, rtol=2e-2)
