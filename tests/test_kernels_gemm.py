@@ -108,14 +108,18 @@ def test_clip_fits_the_shape():
     assert kern.clip(Cfg(64, 128, 8, 4, 3), 40, 100) == Cfg(64, 128, 1, 4, 3)     # one K tile: one split
     assert kern.clip(Cfg(128, 64, 8, 4, 4), 20, 300) == Cfg(32, 64, 5, 4, 4)      # 5 K tiles
     assert kern.clip(Cfg(64, 256, 4, 8, 3), 3, 5) == Cfg(16, 16, 1, 8, 3)         # the smallest tile
+    assert kern.clip(Cfg(128, 128, 0, 8, 3), 5152, 2048).split_k == 0              # 41 tiles: stream-K
+    assert kern.clip(Cfg(128, 128, 0, 8, 3), 128256, 2048).split_k == 1            # 1002 tiles: whole ones
     for cfg in kern.CANDIDATES:
-        for N, K in [(1, 1), (24, 200), (70, 257), (4096, 4096)]:
+        for N, K in [(1, 1), (24, 200), (70, 257), (4096, 4096), (128256, 2048)]:
             c = kern.clip(cfg, N, K)
             assert c.block_n <= cfg.block_n and c.block_k <= cfg.block_k
             assert c.block_n >= 16 and c.block_k >= 16
             assert c.block_n & (c.block_n - 1) == 0 and c.block_k & (c.block_k - 1) == 0
             if cfg.split_k > 0:
                 assert 1 <= c.split_k <= min(cfg.split_k, math.ceil(K / c.block_k))
+            elif cfg.split_k == 0 and math.ceil(N / c.block_n) >= kern.STREAM_K_MAX_TILES:
+                assert c.split_k == 1                   # many tiles: whole tiles
             else:                                       # stream-K settings stay
                 assert c.split_k == cfg.split_k
             assert (c.num_warps, c.num_stages) == (cfg.num_warps, cfg.num_stages)

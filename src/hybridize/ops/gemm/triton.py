@@ -283,12 +283,21 @@ def block_m(M: int) -> int:
     return max(16, 1 << (max(M, 1) - 1).bit_length())
 
 
+#: from this many tiles on, stream-K over the SMs becomes whole tiles (split_k 1): the waves are already
+#: balanced to a few %, and a program's parts of ~8 tiles unroll into a slow compile; on the 128k-row LM head
+#: it lost everywhere: 197.6-306 vs 189.6 µs at 64 rows, 184-249 vs 176.3 at 8
+#: (benchmarks/results/decode_b64_s10_h100.json, decode_b8_s10_h100.json)
+STREAM_K_MAX_TILES = 512
+
+
 def clip(cfg: GemmConfig, N: int, K: int) -> GemmConfig:
-    """`cfg` fitted to the shape: blocks no larger than the padded N / K, at most as many splits as K tiles
-    (split_k ≤ 0, the stream-K settings, stay as they are)."""
+    """`cfg` fitted to the shape: blocks no larger than the padded N / K, at most as many splits as K tiles;
+    the stream-K settings (split_k ≤ 0) stay, except over the SMs (0) on STREAM_K_MAX_TILES or more tiles."""
     bk = min(cfg.block_k, max(16, 1 << (K - 1).bit_length()))
     bn = min(cfg.block_n, max(16, 1 << (N - 1).bit_length()))
     split = cfg.split_k if cfg.split_k <= 0 else max(1, min(cfg.split_k, math.ceil(K / bk)))
+    if split == 0 and math.ceil(N / bn) >= STREAM_K_MAX_TILES:
+        split = 1
     return GemmConfig(bn, bk, split, cfg.num_warps, cfg.num_stages)
 
 
