@@ -248,6 +248,9 @@ def _skinny_kernel(X, W, Bias, Y, Part, SSq, Count, M, N, K, stride_xm, stride_w
 
 @dataclass(frozen=True)
 class GemmConfig:
+    """A launch of `_skinny_kernel`: BLOCK_N weight rows × BLOCK_K a K step, and how the work is shared
+    (`plan`): split_k ≥ 1 split-K over that many programs a tile (1: whole tiles), 0 stream-K with one
+    program per SM, < 0 stream-K over -split_k programs; then triton's num_warps / num_stages."""
     block_n: int
     block_k: int
     split_k: int
