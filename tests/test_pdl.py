@@ -36,7 +36,7 @@ def test_compiled_step_asks_inductor_for_pdl(monkeypatch):
 
     from hybridize.generate import engine
     if not hasattr(icfg.triton, "enable_pdl"):
-        assert engine._inductor_options() is None
+        assert engine._inductor_options() == {"comprehensive_padding": False}
         pytest.skip("this torch has no inductor PDL option")
     seen = []
     monkeypatch.setattr(engine.torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
@@ -47,7 +47,8 @@ def test_compiled_step_asks_inductor_for_pdl(monkeypatch):
     for flag in ("1", "0", "1"):
         monkeypatch.setenv("HYBRIDIZE_PDL", flag)
         assert engine.compiled(f) is f
-    assert [kw["options"] for kw in seen] == [{"triton.enable_pdl": True}, {"triton.enable_pdl": False}]
+    assert [kw["options"] for kw in seen] == [{"comprehensive_padding": False, "triton.enable_pdl": True},
+                                              {"comprehensive_padding": False, "triton.enable_pdl": False}]
     monkeypatch.setenv("HYBRIDIZE_COMPILE_MODE", "max-autotune-no-cudagraphs")
     assert engine._inductor_options() is None
     engine.compiled(f)

@@ -274,17 +274,26 @@ def _compile_wanted(compile, device) -> bool:
 
 
 def _inductor_options() -> Optional[dict]:
-    """Inductor options of the decode step: its own Triton kernels (norms, rotary, adds) launched with PDL
-    like ours (`hybridize.ops.pdl`; inductor decides per kernel which loads must wait) where the torch
-    has the option and PDL is wanted (HYBRIDIZE_PDL). Batch 64 / 8k, H100: +1.2 / +0.7 / +0.8 % tokens/s
-    for the 1.2 B Transformer / 25 % / 12.5 % hybrids, batch 1 unchanged
-    (benchmarks/results/decode_inductor_pdl_s9_h100.json)."""
+    """Inductor options of the decode step (None with HYBRIDIZE_COMPILE_MODE, which takes a mode instead):
+
+    - ``comprehensive_padding`` off: inductor pads the row stride of matmul outputs whose width is not a
+      multiple of 128 bytes (Mamba-2's in_proj, 5152 columns at 1B: rows of 5184), and our custom ops take
+      their inputs with the eager strides — so each of the in_proj's column slices (xBC, z, dt) was first
+      copied into an unpadded buffer: 3 extra kernels per Mamba layer (batch 64 / 8k, H100: ~50 µs of copies
+      and their launch gaps per step of the 12.5 % hybrid).
+    - its own Triton kernels (norms, rotary, adds) launched with PDL like ours (`hybridize.ops.pdl`;
+      inductor decides per kernel which loads must wait) where the torch has the option and PDL is wanted
+      (HYBRIDIZE_PDL). Batch 64 / 8k, H100: +1.2 / +0.7 / +0.8 % tokens/s for the 1.2 B Transformer / 25 %
+      / 12.5 % hybrids, batch 1 unchanged (benchmarks/results/decode_inductor_pdl_s9_h100.json)."""
     import torch._inductor.config as icfg
 
-    if os.environ.get("HYBRIDIZE_COMPILE_MODE") or not hasattr(icfg.triton, "enable_pdl"):
+    if os.environ.get("HYBRIDIZE_COMPILE_MODE"):
         return None
-    from hybridize.ops.pdl import pdl_wanted
-    return {"triton.enable_pdl": pdl_wanted()}
+    options = {"comprehensive_padding": False}
+    if hasattr(icfg.triton, "enable_pdl"):
+        from hybridize.ops.pdl import pdl_wanted
+        options["triton.enable_pdl"] = pdl_wanted()
+    return options
 
 
 def compiled(fn: Callable) -> Callable:
