@@ -97,17 +97,6 @@ def _ssd_conv_step_kernel(xbc_ptr, cs_ptr, cw_ptr, cb_ptr, dt_ptr, A_ptr, s_ptr,
     nm = n < N
     xrow = xbc_ptr + b * sxb
     cs = cs_ptr + b * scsb
-    # the state tile first: its loads are in flight while the conv's are issued (the conv's stores come
-    # before the state update in program order, and loads are not moved across stores)
-    m3 = hv[:, None, None] & pm[None, :, None] & nm[None, None, :]
-    sp = (s_ptr + b * ssb + h.to(tl.int64)[:, None, None] * ssh + p.to(tl.int64)[None, :, None] * ssp
-          + n[None, None, :] * ssn)
-    if EVICT:
-        s = tl.load(sp, mask=m3, other=0.0, eviction_policy="evict_first")
-    else:
-        s = tl.load(sp, mask=m3, other=0.0)
-    dt, a = _dt_and_decay(dt_ptr + b * sdb + h, dt_ptr, A_ptr, bias_ptr, h, dt_min, dt_max,
-                          HAS_BIAS, SOFTPLUS, False, A_LOG)
     # the conv: every load of the program's conv channels, a barrier, then the stores (by the row's first head)
     xch = ((h // X_REP) * P)[:, None] + p[None, :]
     bch = (b_off + (h // B_REP) * N)[:, None] + n[None, :]
@@ -122,7 +111,16 @@ def _ssd_conv_step_kernel(xbc_ptr, cs_ptr, cw_ptr, cb_ptr, dt_ptr, A_ptr, s_ptr,
     _conv_store(cs, bch, bm & ((r % B_REP) == 0)[:, None], b_in, b_win, k, scsc, scsk, W)
     _conv_store(cs, cch, bm & ((r % C_REP) == 0)[:, None], c_in, c_win, k, scsc, scsk, W)
 
-    s = s.to(tl.float32) * tl.exp(a)[:, None, None] + (dt[:, None] * xv)[:, :, None] * Bv[:, None, :]
+    m3 = hv[:, None, None] & pm[None, :, None] & nm[None, None, :]
+    sp = (s_ptr + b * ssb + h.to(tl.int64)[:, None, None] * ssh + p.to(tl.int64)[None, :, None] * ssp
+          + n[None, None, :] * ssn)
+    if EVICT:
+        s = tl.load(sp, mask=m3, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    else:
+        s = tl.load(sp, mask=m3, other=0.0).to(tl.float32)
+    dt, a = _dt_and_decay(dt_ptr + b * sdb + h, dt_ptr, A_ptr, bias_ptr, h, dt_min, dt_max,
+                          HAS_BIAS, SOFTPLUS, False, A_LOG)
+    s = s * tl.exp(a)[:, None, None] + (dt[:, None] * xv)[:, :, None] * Bv[:, None, :]
     if EVICT:
         tl.store(sp, s.to(s_ptr.dtype.element_ty), mask=m3, eviction_policy="evict_first")
     else:
