@@ -9,11 +9,9 @@ order.
 Why one program per (row b, block of R heads): a conv channel must have exactly one owner — its state is
 shifted in place — and x / B / C rows are shared by heads (Mamba-in-the-Llama: x and B per kv head, read by
 4 query heads; standard Mamba-2: B and C per group). R = lcm(H/n_x, H/n_b, H/n_c) heads share no row with
-any other block, so the block's program is the only reader and writer of those rows' conv state: it loads
-every window, then (after a barrier: a row shared by several of its heads is computed for each, and
-threads may hold replicas of a channel) writes the shifted windows back. The R heads' state tiles are one
-(R, P, N) tile, loaded at once (a loop over heads would issue one head's loads only after the previous
-head's stores: measured ~2× slower than the two separate kernels at batch 64 on an H100).
+any other block, so the block's program convolves those rows once (keeping them in registers for its
+heads) and is the only writer of their conv state. The heads' state tiles are then updated one after
+another (the loop is unrolled: their loads can be in flight together).
 """
 from __future__ import annotations
 
@@ -36,34 +34,26 @@ MAX_W = 4
 
 
 @triton.jit
-def _conv_load(xrow, cs, cw_ptr, cb_ptr, ch, cm, scs_c, scs_k, scw_c, scw_k,
-               W: tl.constexpr, WP: tl.constexpr, HAS_CB: tl.constexpr, SILU: tl.constexpr):
-    """Conv step of channels ch (RP, BC) (masked by cm), loads only: → (output (RP, BC) fp32 rounded to xbc's
-    dtype as the conv op's, the new input (RP, BC), the state window (RP, BC, WP), its slot index (WP)). The sum's order
-    is `_conv_update_kernel`'s: x·w[W-1], then + state[k]·w[k] for k = 0 … W-2, + bias, silu."""
-    k = tl.arange(0, WP)
-    km = k < W - 1
-    xv = tl.load(xrow + ch, mask=cm, other=0.0)
-    win = tl.load(cs + ch.to(tl.int64)[:, :, None] * scs_c + k * scs_k, mask=cm[:, :, None] & km, other=0.0)
-    wk = tl.load(cw_ptr + ch[:, :, None] * scw_c + k * scw_k, mask=cm[:, :, None] & km, other=0.0).to(tl.float32)
+def _conv_rows(xbc_ptr, cs_ptr, cw_ptr, cb_ptr, ch, cm, scs_c, scs_k, scw_c, scw_k,
+               W: tl.constexpr, HAS_CB: tl.constexpr, SILU: tl.constexpr):
+    """Conv step of channels ch (this program owns them): window [state[0..W-2], x] · weight (+ bias), silu,
+    rounded to xbc's dtype (the conv op's output) and back to fp32; the state shifted in place. The order
+    of the sum is `_conv_update_kernel`'s."""
+    xv = tl.load(xbc_ptr + ch, mask=cm, other=0.0)
     acc = xv.to(tl.float32) * tl.load(cw_ptr + ch * scw_c + (W - 1) * scw_k, mask=cm, other=0.0).to(tl.float32)
-    for i in tl.static_range(W - 1):     # in order (a tl.sum over the window may add in another order)
-        acc += tl.sum(tl.where(k == i, win.to(tl.float32) * wk, 0.0), axis=2)
+    st = cs_ptr + ch.to(tl.int64) * scs_c
+    for k in tl.static_range(W - 1):
+        sk = tl.load(st + k * scs_k, mask=cm, other=0.0)
+        acc += sk.to(tl.float32) * tl.load(cw_ptr + ch * scw_c + k * scw_k, mask=cm, other=0.0).to(tl.float32)
+        if k > 0:       # slot k-1 was read (by this thread) in the previous iteration
+            tl.store(st + (k - 1) * scs_k, sk, mask=cm)
+    if W > 1:
+        tl.store(st + (W - 2) * scs_k, xv.to(cs_ptr.dtype.element_ty), mask=cm)
     if HAS_CB:
         acc += tl.load(cb_ptr + ch, mask=cm, other=0.0).to(tl.float32)
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    return acc.to(xrow.dtype.element_ty).to(tl.float32), xv, win, k
-
-
-@triton.jit
-def _conv_store(cs, ch, cm, xv, win, k, scs_c, scs_k, W: tl.constexpr):
-    """The shifted window: slot k-1 ← old slot k (k ≥ 1), slot W-2 ← the new input. Called after a barrier
-    that follows every `_conv_load` of the program (threads may hold replicas of one channel)."""
-    st = cs + ch.to(tl.int64)[:, :, None] * scs_c
-    tl.store(st + (k - 1) * scs_k, win, mask=cm[:, :, None] & (k >= 1) & (k < W - 1))
-    if W > 1:
-        tl.store(cs + ch.to(tl.int64) * scs_c + (W - 2) * scs_k, xv.to(cs.dtype.element_ty), mask=cm)
+    return acc.to(xbc_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -71,69 +61,63 @@ def _ssd_conv_step_kernel(xbc_ptr, cs_ptr, cw_ptr, cb_ptr, dt_ptr, A_ptr, s_ptr,
                           H, P, N, b_off, c_off, n_blk,
                           sxb, scsb, scsc, scsk, scwc, scwk, sdb, ssb, ssh, ssp, ssn, szb, szh, syb, syh, sDh,
                           dt_min, dt_max,
-                          R: tl.constexpr, RP: tl.constexpr, X_REP: tl.constexpr, B_REP: tl.constexpr,
-                          C_REP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HAS_CB: tl.constexpr,
-                          SILU: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
+                          R: tl.constexpr, X_REP: tl.constexpr, B_REP: tl.constexpr, C_REP: tl.constexpr,
+                          W: tl.constexpr, HAS_CB: tl.constexpr, SILU: tl.constexpr,
+                          HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, A_LOG: tl.constexpr,
                           EVICT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                           PDL: tl.constexpr = 0, NORM: tl.constexpr = 0, GS: tl.constexpr = 1,
                           NGP: tl.constexpr = 1, nw_ptr=None, eps=0.0):
-    """Program (b, block j): heads j·R … j·R + R - 1 as one (RP, BP, BN) tile (RP ≥ R, BP ≥ P, BN ≥ N padded to
-    powers of two): their x rows (h // X_REP), B groups (h // B_REP) and C groups (h // C_REP) convolved — a
-    row shared by several of the heads is computed for each and written back by the first — then the
-    state update, y = h·C, D·x, the gate and the gated norm as `_ssd_step_kernel`."""
+    """Program (b, block j): heads j·R … j·R + R - 1, their x rows (h // X_REP), B groups (h // B_REP) and
+    C groups (h // C_REP) — convolved once each, in registers — then each head's (P, N) state update as
+    `_ssd_step_kernel` with the whole head in one tile (BP ≥ P)."""
     if PDL:    # see hybridize.ops.pdl: wait for the previous kernel before any read or write
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     j = pid % n_blk
     b = (pid // n_blk).to(tl.int64)
-    r = tl.arange(0, RP)
-    hv = r < R
-    h = j * R + tl.where(hv, r, 0)            # padding lanes alias the block's first head (masked stores)
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
     pm = p < P
     nm = n < N
+    m = pm[:, None] & nm[None, :]
     xrow = xbc_ptr + b * sxb
     cs = cs_ptr + b * scsb
-    # the conv: every load of the program's conv channels, a barrier, then the stores (by the row's first head)
-    xch = ((h // X_REP) * P)[:, None] + p[None, :]
-    bch = (b_off + (h // B_REP) * N)[:, None] + n[None, :]
-    cch = (c_off + (h // C_REP) * N)[:, None] + n[None, :]
-    xm = hv[:, None] & pm[None, :]
-    bm = hv[:, None] & nm[None, :]
-    xv, x_in, x_win, k = _conv_load(xrow, cs, cw_ptr, cb_ptr, xch, xm, scsc, scsk, scwc, scwk, W, WP, HAS_CB, SILU)
-    Bv, b_in, b_win, k = _conv_load(xrow, cs, cw_ptr, cb_ptr, bch, bm, scsc, scsk, scwc, scwk, W, WP, HAS_CB, SILU)
-    Cv, c_in, c_win, k = _conv_load(xrow, cs, cw_ptr, cb_ptr, cch, bm, scsc, scsk, scwc, scwk, W, WP, HAS_CB, SILU)
-    tl.debug_barrier()
-    _conv_store(cs, xch, xm & ((r % X_REP) == 0)[:, None], x_in, x_win, k, scsc, scsk, W)
-    _conv_store(cs, bch, bm & ((r % B_REP) == 0)[:, None], b_in, b_win, k, scsc, scsk, W)
-    _conv_store(cs, cch, bm & ((r % C_REP) == 0)[:, None], c_in, c_win, k, scsc, scsk, W)
-
-    m3 = hv[:, None, None] & pm[None, :, None] & nm[None, None, :]
-    sp = (s_ptr + b * ssb + h.to(tl.int64)[:, None, None] * ssh + p.to(tl.int64)[None, :, None] * ssp
-          + n[None, None, :] * ssn)
-    if EVICT:
-        s = tl.load(sp, mask=m3, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    else:
-        s = tl.load(sp, mask=m3, other=0.0).to(tl.float32)
-    dt, a = _dt_and_decay(dt_ptr + b * sdb + h, dt_ptr, A_ptr, bias_ptr, h, dt_min, dt_max,
-                          HAS_BIAS, SOFTPLUS, False, A_LOG)
-    s = s * tl.exp(a)[:, None, None] + (dt[:, None] * xv)[:, :, None] * Bv[:, None, :]
-    if EVICT:
-        tl.store(sp, s.to(s_ptr.dtype.element_ty), mask=m3, eviction_policy="evict_first")
-    else:
-        tl.store(sp, s.to(s_ptr.dtype.element_ty), mask=m3)
-    y = tl.sum(s * Cv[:, None, :], axis=2)
-    y = _skip_gate(y, xv, D_ptr, z_ptr + b * szb + h[:, None] * szh, h[:, None], p[None, :], pm[None, :], sDh,
-                   HAS_D, D_PER_P, HAS_Z)
-    if NORM:    # group sums through a (BP, groups) one-hot: P need not be a power of two
-        member = (((p // GS)[:, None] == tl.arange(0, NGP)[None, :]) & pm[:, None])[None, :, :]
-        rg = 1.0 / tl.sqrt(tl.sum(tl.where(member, (y * y)[:, :, None], 0.0), axis=1) / GS + eps)
-        y = y * tl.sum(tl.where(member, rg[:, None, :], 0.0), axis=2)
-        y = y * tl.load(nw_ptr + h[:, None] * P + p[None, :], mask=xm, other=0.0).to(tl.float32)
-    tl.store(y_ptr + b * syb + h[:, None] * syh + p[None, :], y.to(y_ptr.dtype.element_ty), mask=xm)
+    xv = tl.zeros([BP], dtype=tl.float32)
+    Bv = tl.zeros([BN], dtype=tl.float32)
+    Cv = tl.zeros([BN], dtype=tl.float32)
+    for r in tl.static_range(R):
+        h = j * R + r
+        if r % X_REP == 0:
+            xv = _conv_rows(xrow, cs, cw_ptr, cb_ptr, (h // X_REP) * P + p, pm, scsc, scsk, scwc, scwk,
+                            W, HAS_CB, SILU)
+        if r % B_REP == 0:
+            Bv = _conv_rows(xrow, cs, cw_ptr, cb_ptr, b_off + (h // B_REP) * N + n, nm, scsc, scsk, scwc, scwk,
+                            W, HAS_CB, SILU)
+        if r % C_REP == 0:
+            Cv = _conv_rows(xrow, cs, cw_ptr, cb_ptr, c_off + (h // C_REP) * N + n, nm, scsc, scsk, scwc, scwk,
+                            W, HAS_CB, SILU)
+        sp = s_ptr + b * ssb + h.to(tl.int64) * ssh + p[:, None].to(tl.int64) * ssp + n[None, :] * ssn
+        if EVICT:
+            s = tl.load(sp, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        else:
+            s = tl.load(sp, mask=m, other=0.0).to(tl.float32)
+        dt, a = _dt_and_decay(dt_ptr + b * sdb + h, dt_ptr, A_ptr, bias_ptr, h, dt_min, dt_max,
+                              HAS_BIAS, SOFTPLUS, False, A_LOG)
+        s = s * tl.exp(a) + (dt * xv)[:, None] * Bv[None, :]
+        if EVICT:
+            tl.store(sp, s.to(s_ptr.dtype.element_ty), mask=m, eviction_policy="evict_first")
+        else:
+            tl.store(sp, s.to(s_ptr.dtype.element_ty), mask=m)
+        y = tl.sum(s * Cv[None, :], axis=1)
+        y = _skip_gate(y, xv, D_ptr, z_ptr + b * szb + h * szh, h, p, pm, sDh, HAS_D, D_PER_P, HAS_Z)
+        if NORM:    # group sums through a (BP, groups) one-hot: P need not be a power of two
+            member = ((p // GS)[:, None] == tl.arange(0, NGP)[None, :]) & pm[:, None]
+            rg = 1.0 / tl.sqrt(tl.sum(tl.where(member, (y * y)[:, None], 0.0), axis=0) / GS + eps)
+            y = y * tl.sum(tl.where(member, rg[None, :], 0.0), axis=1)
+            y = y * tl.load(nw_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)
+        tl.store(y_ptr + b * syb + h * syh + p, y.to(y_ptr.dtype.element_ty), mask=pm)
 
 
 def heads_per_program(H: int, n_x: int, n_b: int, n_c: int) -> int:
@@ -186,15 +170,14 @@ def _conv_step_impl(xbc, conv_state, conv_weight, conv_bias, dt, state, n_x, n_b
                     eps=float(norm_eps))
     n_blk = H // R
     zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
-    warps = TUNE["conv_step_warps"] or max(1, min(16, triton.next_power_of_2(R) * BP * BN // 2048))
+    warps = max(1, min(16, BP * BN // 1024)) if not TUNE["step_warps"] else int(TUNE["step_warps"])
     _ssd_conv_step_kernel[(Bsz * n_blk,)](
         xbc, conv_state, conv_weight, conv_bias if conv_bias is not None else xbc, dt, A, state,
         D if D is not None else xbc, z if z is not None else xbc, dt_bias if dt_bias is not None else dt, y,
         H, P, N, n_x * P, n_x * P + n_b * N, n_blk,
         xbc.stride(0), *conv_state.stride(), *conv_weight.stride(), dt.stride(0), *state.stride(), *zs,
         y.stride(0), y.stride(1), sDh, float(dt_min), float(dt_max),
-        R=R, RP=triton.next_power_of_2(R), X_REP=H // n_x, B_REP=H // n_b, C_REP=H // n_c, W=W,
-        WP=max(2, triton.next_power_of_2(W - 1)), HAS_CB=conv_bias is not None, SILU=bool(silu),
+        R=R, X_REP=H // n_x, B_REP=H // n_b, C_REP=H // n_c, W=W, HAS_CB=conv_bias is not None, SILU=bool(silu),
         HAS_D=D is not None, D_PER_P=d_per_p, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), A_LOG=A_log is not None, EVICT=bool(TUNE["evict_first"]), BP=BP, BN=BN,
         num_warps=warps, **pdl_launch(xbc.device), **norm)

@@ -56,7 +56,6 @@ from hybridize.ops.ssd.reference import step_head_reps
 TUNE = {
     "step_tile_bytes": 16384,     # state bytes per program: BP = tile / (next_pow2(N) · element size)
     "step_warps": None,           # None: one warp per 1024 state elements of the tile (32 per thread)
-    "conv_step_warps": None,      # triton_conv_step: None → one warp per 2048 state elements of its tile
     "verify_tile_bytes": 16384,
     "verify_warps": None,
     "evict_first": True,    # stream the state past L2 (each element is touched once per call)
