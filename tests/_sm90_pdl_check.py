@@ -143,12 +143,6 @@ def main():
     ssd._step_impl(xh, torch.rand(2, 8, dtype=bf), None, torch.randn(2, 2, 128, dtype=bf),
                    torch.randn(2, 8, 128, dtype=bf), torch.zeros(2, 8, 64, 128), None, None, None, None, True, 0.0,
                    float("inf"), torch.randn(8))
-    from hybridize.ops.ssd import triton_conv_step as ssd_conv     # batched decode: conv + SSD step in one
-    C = 2 * 128 + 8 * 64                                            # x, B per kv head (2), C per head (8)
-    ssd_conv._conv_step_impl(torch.randn(2, C, dtype=bf), torch.zeros(2, C, 3, dtype=bf), torch.randn(C, 4, dtype=bf),
-                             torch.randn(C, dtype=bf), torch.rand(2, 8, dtype=bf), torch.zeros(2, 8, 64, 64, dtype=bf),
-                             2, 2, None, torch.randn(8), torch.randn(8), torch.randn(2, 8, 64, dtype=bf), torch.randn(8),
-                             True, 0.0, float("inf"), torch.ones(512, dtype=bf), 1e-5, 64, True)
 
 
 if __name__ == "__main__":

@@ -70,8 +70,7 @@ def test_decode_kernels_wait_before_touching_dependent_memory():
     rows = _compiled_kernels()
     names = {r["kernel"] for r in rows}
     assert {"_gemv_kernel", "_fused_split_kernel", "_merge_kernel", "_split_kernel", "_conv_update_kernel",
-            "_rglru_step_kernel", "_ssd_step_kernel", "_ssd_conv_step_kernel", "_chunk_kernel", "_rows_kernel",
-            "_skinny_kernel"} <= names, names
+            "_rglru_step_kernel", "_ssd_step_kernel", "_chunk_kernel", "_rows_kernel", "_skinny_kernel"} <= names, names
     assert names & {"_ss_step_kernel", "_ss_tile_kernel"}, names
     for r in rows:
         assert r["launch_pdl"] and r["wait"] is not None and r["launch"] is not None, r

@@ -234,44 +234,32 @@ class Mamba2Mixer(Mixer):
              residual: bool = False) -> Tensor:
         """One token x (B, D) → y (B, D), of ``norm(x)`` when a norm is given (x + y with `residual`);
         state.conv and state.ssm are updated in place. At batch-1 decode the norms, the conv step, the gate
-        and the residual add run inside the in / out GEMVs; at several rows the conv step runs inside the SSD
-        step kernel (`ssd_ops.ssd_conv_step`)."""
+        and the residual add run inside the in / out GEMVs."""
         Bsz = x.shape[0]
+        # in_proj (+ the pre-norm) and the conv step on its xBC rows: one kernel at batch-1 decode (the
+        # GEMV's epilogue owns its rows' conv channels), the linear then the conv op otherwise
+        conv = ConvUpdate(state.conv, self._conv_weight(), self.conv1d.bias, self.d_inner, "silu")
+        proj, xbc = fused_linear(x, self.in_proj.weight, self.in_proj.bias, norm=norm, conv=conv)
+        z, dt = proj[..., :self.d_inner], proj[..., self.d_inner + self.conv_dim:]
+        # Views of the conv output, NOT repeated: x (B, n_kv, P), B (B, n_kv, N), C (B, H, N) for the
+        # MIL layout; x (B, H, P), B/C (B, G, N) otherwise. The step kernel maps head h to its rows and
+        # computes A = -exp(A_log) itself, so no copy / exp kernels run around it.
+        xh, Bm, Cm = torch.split(xbc, self.xbc_sizes, dim=-1)
+        xh, Bm, Cm = (xh.unflatten(-1, (-1, self.headdim)), Bm.unflatten(-1, (-1, self.d_state)),
+                      Cm.unflatten(-1, (-1, self.d_state)))
         res = x if residual else None
-        # the gated norm: in the SSD step's epilogue above `FUSED_MAX_ROWS` rows (each program holds whole
-        # groups), else in the out-projection's prologue
-        in_step = self._norm_in_step(Bsz)
-        nrm = self.norm
-        norm_kw = dict(norm_weight=nrm.weight, norm_eps=nrm.eps, norm_group=nrm.group_size) if in_step else {}
-        step_kw = dict(D=self._D(), dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log,
-                       **norm_kw)
-        if Bsz > 1:
-            # in_proj (+ the pre-norm), then one kernel for the conv step and the state update: it reads the
-            # raw xBC rows of the projection and owns whole heads' conv channels
-            proj = fused_linear(x, self.in_proj.weight, self.in_proj.bias, norm=norm)
-            z, xbc, dt = torch.split(proj, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-            zh = z.unflatten(-1, (-1, self.headdim)) if in_step else None
-            y = ssd_ops.ssd_conv_step(xbc, state.conv, self._conv_weight(), self.conv1d.bias, dt, state.ssm,
-                                      n_x=self.xbc_sizes[0] // self.headdim, n_b=self.xbc_sizes[1] // self.d_state,
-                                      z=zh, activation="silu", **step_kw)
-        else:
-            # in_proj (+ the pre-norm) and the conv step on its xBC rows: one GEMV kernel (its epilogue owns
-            # its rows' conv channels)
-            conv = ConvUpdate(state.conv, self._conv_weight(), self.conv1d.bias, self.d_inner, "silu")
-            proj, xbc = fused_linear(x, self.in_proj.weight, self.in_proj.bias, norm=norm, conv=conv)
-            z, dt = proj[..., :self.d_inner], proj[..., self.d_inner + self.conv_dim:]
-            # Views of the conv output, NOT repeated: x (B, n_kv, P), B (B, n_kv, N), C (B, H, N) for the
-            # MIL layout; x (B, H, P), B/C (B, G, N) otherwise. The step kernel maps head h to its rows and
-            # computes A = -exp(A_log) itself, so no copy / exp kernels run around it.
-            xh, Bm, Cm = torch.split(xbc, self.xbc_sizes, dim=-1)
-            xh, Bm, Cm = (xh.unflatten(-1, (-1, self.headdim)), Bm.unflatten(-1, (-1, self.d_state)),
-                          Cm.unflatten(-1, (-1, self.d_state)))
-            zh = z.unflatten(-1, (-1, self.headdim)) if in_step else None
-            y = ssd_ops.ssd_step(xh, dt, None, Bm, Cm, state.ssm, z=zh, **step_kw)
-        y = y.reshape(Bsz, self.d_inner)
-        if in_step:
-            return fused_linear(y, self.out_proj.weight, self.out_proj.bias, residual=res)
-        return fused_linear(y, self.out_proj.weight, self.out_proj.bias, norm=nrm, gate=z, residual=res)
+        if self._norm_in_step(Bsz):
+            # many rows: the gated norm runs in the step kernel's epilogue (each program holds whole groups)
+            # rather than as its own kernels; fewer rows fuse it into the out-projection's prologue instead
+            nrm, zh = self.norm, z.unflatten(-1, (-1, self.headdim))
+            y = ssd_ops.ssd_step(xh, dt, None, Bm, Cm, state.ssm, D=self._D(), z=zh, dt_bias=self.dt_bias,
+                                 dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log,
+                                 norm_weight=nrm.weight, norm_eps=nrm.eps, norm_group=nrm.group_size)
+            return fused_linear(y.reshape(Bsz, self.d_inner), self.out_proj.weight, self.out_proj.bias, residual=res)
+        y = ssd_ops.ssd_step(xh, dt, None, Bm, Cm, state.ssm, D=self._D(), dt_bias=self.dt_bias,
+                             dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log)
+        return fused_linear(y.reshape(Bsz, self.d_inner), self.out_proj.weight, self.out_proj.bias,
+                            norm=self.norm, gate=z, residual=res)
 
     def _norm_in_step(self, rows: int) -> bool:
         """Whether `step` hands the gated norm to the SSD step kernel: above `ops.gemv.FUSED_MAX_ROWS` rows

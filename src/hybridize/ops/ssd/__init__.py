@@ -17,14 +17,12 @@ from torch import Tensor
 
 from hybridize.ops._dispatch import use_kernels
 from hybridize.ops.ssd.reference import (
-    conv_then_step,
     segsum,
     ssd_mixing_matrix,
     ssd_quadratic,
     ssd_recurrent,
 )
 from hybridize.ops.ssd.reference import ssd_chunked as ssd_chunked_reference
-from hybridize.ops.ssd.reference import ssd_conv_step as ssd_conv_step_reference
 from hybridize.ops.ssd.reference import ssd_step as ssd_step_reference
 
 ssd_quadratic_reference = ssd_quadratic
@@ -77,34 +75,10 @@ def ssd_step(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor,
     return ssd_step_reference(x, dt, A, Bm, Cm, state, **kw)
 
 
-def ssd_conv_step(xbc: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], dt: Tensor,
-                  state: Tensor, *, n_x: int, n_b: int, A: Optional[Tensor] = None, A_log: Optional[Tensor] = None,
-                  D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
-                  dt_softplus: bool = False, dt_limit=(0.0, float("inf")), norm_weight: Optional[Tensor] = None,
-                  norm_eps: float = 1e-5, norm_group: int = 0, activation: Optional[str] = "silu") -> Tensor:
-    """Mamba-2's batched decode step from the in_proj's raw conv channels xbc (B, C) = [x | B | C]: the conv
-    step then ssd_step (see reference.ssd_conv_step). One Triton kernel on CUDA where it applies
-    (`triton_conv_step.kernel_supports`: each program owns whole heads' x / B / C rows, so it convolves and
-    shifts their conv state itself), else the conv op and ssd_step one after the other."""
-    from hybridize.ops import conv1d as conv_ops
-
-    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, A_log=A_log,
-              norm_weight=norm_weight, norm_eps=norm_eps, norm_group=norm_group)
-    if use_kernels(xbc, conv_state, conv_weight, conv_bias, dt, state, A, A_log, D, z, dt_bias, norm_weight):
-        from hybridize.ops.ssd.triton_conv_step import kernel_supports, ssd_conv_step_triton
-        if kernel_supports(xbc, conv_weight, state, n_x, n_b):
-            return ssd_conv_step_triton(xbc, conv_state, conv_weight, conv_bias, dt, state, n_x=n_x, n_b=n_b, A=A,
-                                        activation=activation, **kw)
-    return conv_then_step(conv_ops.causal_conv1d_update, ssd_step, xbc, conv_state, conv_weight, conv_bias, dt,
-                          state, n_x, n_b, activation, A, **kw)
-
-
 __all__ = [
     "segsum",
     "ssd_chunked",
     "ssd_chunked_reference",
-    "ssd_conv_step",
-    "ssd_conv_step_reference",
     "ssd_mixing_matrix",
     "ssd_quadratic",
     "ssd_quadratic_reference",

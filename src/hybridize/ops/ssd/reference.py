@@ -202,53 +202,6 @@ def ssd_step(x: Tensor, dt: Tensor, A: Optional[Tensor], Bm: Tensor, Cm: Tensor,
     return group_rms_norm(y, norm_weight, norm_eps, norm_group).to(x.dtype)
 
 
-def conv_step_split(xbc: Tensor, state: Tensor, n_x: int, n_b: int):
-    """Check ``ssd_conv_step``'s channel layout → (n_x, n_b, n_c): xbc (B, C) = [x (n_x·P) | B (n_b·N) |
-    C (n_c·N)] for state (B, H, P, N), with n_x, n_b, n_c dividing H. Shared by the reference and the kernel."""
-    ok = xbc.dim() == 2 and state.dim() == 4 and xbc.shape[0] == state.shape[0] and n_x > 0 and n_b > 0
-    if ok:
-        _, H, P, N = state.shape
-        rest = xbc.shape[1] - n_x * P - n_b * N
-        n_c = rest // N if rest > 0 and rest % N == 0 else 0
-        ok = n_c > 0 and H % n_x == 0 and H % n_b == 0 and H % n_c == 0
-    if not ok:
-        raise ValueError(
-            "ssd_conv_step: expected xbc (B, C) = [x (n_x·P) | B (n_b·N) | C (n_c·N)] for state (B, H, P, N), "
-            f"with n_x, n_b, n_c dividing H; got xbc {tuple(xbc.shape)}, state {tuple(state.shape)}, "
-            f"n_x={n_x}, n_b={n_b}")
-    return n_x, n_b, n_c
-
-
-def conv_then_step(conv_update, step, xbc: Tensor, conv_state: Tensor, conv_weight: Tensor,
-                   conv_bias: Optional[Tensor], dt: Tensor, state: Tensor, n_x: int, n_b: int,
-                   activation: Optional[str], A: Optional[Tensor], **step_kw) -> Tensor:
-    """``ssd_conv_step`` as its two ops, `conv_update` (causal_conv1d_update's signature) then `step`
-    (ssd_step's): the reference with the references, the dispatcher's fallback with the dispatching ops."""
-    n_x, n_b, n_c = conv_step_split(xbc, state, n_x, n_b)
-    P, N = state.shape[2], state.shape[3]
-    xc = conv_update(xbc, conv_state, conv_weight, conv_bias, activation)
-    x, Bm, Cm = torch.split(xc, [n_x * P, n_b * N, n_c * N], dim=-1)
-    return step(x.unflatten(-1, (n_x, P)), dt, A, Bm.unflatten(-1, (n_b, N)), Cm.unflatten(-1, (n_c, N)), state,
-                **step_kw)
-
-
-def ssd_conv_step(xbc: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], dt: Tensor,
-                  state: Tensor, *, n_x: int, n_b: int, A: Optional[Tensor] = None, A_log: Optional[Tensor] = None,
-                  D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
-                  dt_softplus: bool = False, dt_limit=_NO_LIMIT, norm_weight: Optional[Tensor] = None,
-                  norm_eps: float = 1e-5, norm_group: int = 0, activation: Optional[str] = "silu") -> Tensor:
-    """Mamba-2's decode step from the in_proj's conv channels: the causal conv1d step (conv_state (B, C, W-1)
-    advanced in place, output in xbc's dtype) on xbc (B, C) = [x (n_x·P) | B (n_b·N) | C (n_c·N)], then
-    ``ssd_step`` on those x (B, n_x, P), Bm (B, n_b, N), Cm (B, n_c, N) (rows shared by H / n heads, as
-    ssd_step reads them). The other arguments are ssd_step's (A (H,) or A_log (H,)). Returns y (B, H, P) in
-    xbc's dtype."""
-    from hybridize.ops.conv1d.reference import causal_conv1d_update
-
-    return conv_then_step(causal_conv1d_update, ssd_step, xbc, conv_state, conv_weight, conv_bias, dt, state, n_x,
-                          n_b, activation, A, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                          A_log=A_log, norm_weight=norm_weight, norm_eps=norm_eps, norm_group=norm_group)
-
-
 def group_rms_norm(y: Tensor, weight: Tensor, eps: float, group: int) -> Tensor:
     """y (B,H,P) fp32 normalised over groups of `group` channels of each head (0: P) · weight (H·P,)."""
     Bsz, H, P = y.shape
