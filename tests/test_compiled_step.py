@@ -34,7 +34,6 @@ def _step_kernels(model, ids, cache, options):
 
     torch._dynamo.reset()
     fn = torch.compile(engine._step_program, fullgraph=True, dynamic=False, options=options)
-    cache = alloc_cache(model, ids.shape[0], 16) if cache is None else cache
     with icfg.patch(disable_padding_cpu=False), torch.no_grad():
         logits, codes = run_and_get_code(fn, model, ids, cache)
     return logits, re.findall(r"\n\s+(cpp_fused\w*|triton_\w*)\(", "\n".join(codes))
